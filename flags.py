@@ -1,0 +1,74 @@
+"""Command-line value types shared by the entry points.
+
+Bad input ends the program with one line on stderr and exit code 2, never a traceback.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line on stderr (exit code 2)."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        die(message, prog=self.prog)
+
+
+def die(message: str, prog: str | None = None) -> NoReturn:
+    """Print `prog: error: message` on one line to stderr and exit with code 2."""
+    prog = prog or Path(sys.argv[0]).name
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _number(kind: type, test, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a number > 0")
+non_negative_float = _number(float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
+fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+
+
+def host_port(text: str) -> str:
+    """Validate HOST:PORT (IPv6 hosts in brackets, e.g. [::1]:8080) and return it."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or host in ("[", "[]") or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    if not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} in {text!r} is not in 1..65535")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise argparse.ArgumentTypeError(f"IPv6 host in {text!r} needs brackets: [{host}]:{port}")
+    return text
+
+
+def is_loopback(address: str) -> bool:
+    """True when HOST:PORT binds or dials the local machine only."""
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def existing_file(text: str) -> Path:
+    """A path to a readable, existing file."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    return path
