@@ -3,9 +3,10 @@
 `python3 cifar.py` is the centralized baseline that the federated code builds on.
 """
 
+import contextlib
 import hashlib
-import io
 import os
+import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -15,9 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 import flags
 
@@ -85,7 +85,7 @@ def _load_torchvision(root: Path) -> Data:
     try:
         train = CIFAR10(root, train=True, download=True)
         test = CIFAR10(root, train=False, download=True)
-    except Exception as e:  # no network, a half download, a permission error: say which
+    except (OSError, RuntimeError) as e:  # no network, a bad download, no permission: say which
         raise DataError(
             f"CIFAR-10 is not in {root} and could not be downloaded ({e}). "
             "Connect to the internet and run again, or pass --data-root DIR with your "
@@ -138,7 +138,7 @@ def _decode(path: Path) -> np.ndarray:
             if img.size != (32, 32):
                 img = img.resize((32, 32), Image.BILINEAR)
             return np.asarray(img).transpose(2, 0, 1)
-    except Exception as e:
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for a broken file
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
@@ -160,13 +160,11 @@ def _load_image_folder(root: Path, cache_dir: str | Path | None) -> Data:
     if cache_dir:
         key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
         cache = Path(cache_dir).expanduser() / f"{key}.pt"
-        if cache.is_file():
-            try:
-                saved = torch.load(cache, weights_only=True)
-                if saved["fingerprint"] == fingerprint:
-                    return Data(**{k: saved[k] for k in Data._fields})
-            except Exception:
-                pass  # an unreadable cache is rebuilt below
+        # An unreadable cache is simply rebuilt below
+        with contextlib.suppress(OSError, RuntimeError, KeyError, pickle.UnpicklingError):
+            saved = torch.load(cache, weights_only=True)
+            if saved["fingerprint"] == fingerprint:
+                return Data(**{k: saved[k] for k in Data._fields})
 
     data = Data(
         _decode_all(train_files),
@@ -251,7 +249,7 @@ class Batches:
         self.dataset = y  # len(loader.dataset), as with a DataLoader
 
     def __len__(self) -> int:
-        return -(-len(self.y) // self.batch_size)
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n, bs = len(self.y), self.batch_size
@@ -299,13 +297,11 @@ def tutorial_loaders(
     test_from_train: bool = False,
 ):
     """The tutorial's pipeline: per-sample PIL decode and transforms in a DataLoader."""
-    import torchvision.transforms as transforms
     from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
     from torchvision.datasets import CIFAR10, ImageFolder
 
-    transform = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
-    )
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     root = Path(data_root).expanduser()
     if is_image_folder(root):
         trainset = ImageFolder(str(root / "train"), transform=transform)
@@ -423,8 +419,7 @@ def add_data_args(parser: flags.Parser) -> None:
     parser.add_argument(
         "--cache-dir",
         default=CACHE_DIR,
-        help="where decoded image folders are cached (rebuilt when the folder changes); "
-        "'' to disable",
+        help="where decoded image folders are cached (rebuilt when the folder changes); '' to disable",
     )
     parser.add_argument(
         "--pipeline",
@@ -442,8 +437,12 @@ def add_train_args(parser: flags.Parser, epochs: int) -> None:
     parser.add_argument("--lr", type=flags.positive_float, default=0.001, help="SGD learning rate")
     parser.add_argument("--momentum", type=flags.non_negative_float, default=0.9, help="SGD momentum")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:0', ...")
-    parser.add_argument("--threads", type=flags.positive_int, default=None, help="torch CPU threads (default: all cores)")
-    parser.add_argument("--seed", type=flags.non_negative_int, default=0, help="seeds initialisation, shuffling and partitions")
+    parser.add_argument(
+        "--threads", type=flags.positive_int, default=None, help="torch CPU threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--seed", type=flags.non_negative_int, default=0, help="seeds initialisation, shuffling and partitions"
+    )
 
 
 def check_device(parser: flags.Parser, name: str) -> torch.device:
@@ -477,7 +476,9 @@ def main() -> None:
     except DataError as e:
         flags.die(str(e), parser.prog)
     loaded = time.perf_counter()
-    print(f"Loaded {len(trainloader.dataset)} training and {len(testloader.dataset)} test images in {loaded - start:.1f} s")
+    print(
+        f"Loaded {len(trainloader.dataset)} training and {len(testloader.dataset)} test images in {loaded - start:.1f} s"
+    )
 
     print(f"Start training: {args.epochs} epoch(s) of {len(trainloader)} batches")
     net = make_net(args.seed, device)

@@ -37,7 +37,9 @@ class CifarClient(fl.client.NumPyClient):
         cifar.set_weights(self.net, parameters)
         loss = cifar.train(self.net, self.trainloader, self.epochs, self.device, self.lr, self.momentum)
         seconds = time.perf_counter() - start
-        print(f"fit: {self.epochs} epoch(s) on {len(self.trainloader.dataset)} examples, loss {loss:.4f}, {seconds:.1f} s")
+        print(
+            f"fit: {self.epochs} epoch(s) on {len(self.trainloader.dataset)} examples, loss {loss:.4f}, {seconds:.1f} s"
+        )
         metrics = {"train_loss": loss, "fit_seconds": seconds}
         return cifar.get_weights(self.net), len(self.trainloader.dataset), metrics
 
@@ -78,14 +80,12 @@ def build_client(args: argparse.Namespace, data: cifar.Data | None = None) -> Ci
             args.data_root, args.batch_size, shuffle_seed, train_idx, test_idx, test_from_train
         )
     else:
-        loaders = cifar.make_loaders(
-            data, args.batch_size, device, shuffle_seed, train_idx, test_idx, test_from_train
-        )
+        loaders = cifar.make_loaders(data, args.batch_size, device, shuffle_seed, train_idx, test_idx, test_from_train)
     net = cifar.make_net(args.seed, device)
     return CifarClient(net, *loaders, device, args.epochs, args.lr, args.momentum)
 
 
-def wait_for_server(address: str, root_certificates: bytes | None, timeout: float) -> bool:
+def wait_for_server(address: str, root_certificates: bytes | None, timeout: float, quiet: bool = False) -> bool:
     """Probe the server with backoff until it answers or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
     delay = 0.5
@@ -105,17 +105,32 @@ def wait_for_server(address: str, root_certificates: bytes | None, timeout: floa
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        print(f"server {address} not reachable yet, retrying ({left:.0f} s left)", flush=True)
+        if not quiet:
+            print(f"server {address} not reachable yet, retrying ({left:.0f} s left)", flush=True)
         time.sleep(min(delay, left))
         delay = min(delay * 2, 8.0)
 
 
 def add_partition_args(parser: flags.Parser) -> None:
     """Flags that give a client its own share of the training data."""
-    parser.add_argument("--partition-id", type=flags.non_negative_int, default=None, help="this client's partition, 0..num-partitions-1")
-    parser.add_argument("--num-partitions", type=flags.positive_int, default=None, help="split the training set into this many shares (default: every client gets all of it, as in the tutorial)")
-    parser.add_argument("--partitioner", choices=cifar.PARTITIONERS, default="iid", help="iid: equal random shares; dirichlet: label skew drawn from Dir(alpha)")
-    parser.add_argument("--alpha", type=flags.positive_float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
+    parser.add_argument(
+        "--partition-id", type=flags.non_negative_int, default=None, help="this client's partition, 0..num-partitions-1"
+    )
+    parser.add_argument(
+        "--num-partitions",
+        type=flags.positive_int,
+        default=None,
+        help="split the training set into this many shares (default: every client gets all of it, as in the tutorial)",
+    )
+    parser.add_argument(
+        "--partitioner",
+        choices=cifar.PARTITIONERS,
+        default="iid",
+        help="iid: equal random shares; dirichlet: label skew drawn from Dir(alpha)",
+    )
+    parser.add_argument(
+        "--alpha", type=flags.positive_float, default=0.5, help="Dirichlet concentration: smaller is more skewed"
+    )
 
 
 def check_partition_args(parser: flags.Parser, args: argparse.Namespace) -> None:
@@ -128,9 +143,21 @@ def check_partition_args(parser: flags.Parser, args: argparse.Namespace) -> None
 
 def main() -> None:
     parser = flags.Parser(description="Flower client training the tutorial's CNN on CIFAR-10.")
-    parser.add_argument("--server-address", type=flags.host_port, default="127.0.0.1:8080", help="the server's HOST:PORT")
-    parser.add_argument("--root-certificates", type=flags.existing_file, default=None, help="CA certificate (PEM) to verify a TLS server; plain text without it")
-    parser.add_argument("--connect-timeout", type=flags.positive_float, default=60.0, help="seconds to keep retrying while the server is not up")
+    parser.add_argument(
+        "--server-address", type=flags.host_port, default="127.0.0.1:8080", help="the server's HOST:PORT"
+    )
+    parser.add_argument(
+        "--root-certificates",
+        type=flags.existing_file,
+        default=None,
+        help="CA certificate (PEM) to verify a TLS server; plain text without it",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=flags.positive_float,
+        default=60.0,
+        help="seconds to keep retrying while the server is not up",
+    )
     cifar.add_data_args(parser)
     cifar.add_train_args(parser, epochs=1)
     add_partition_args(parser)

@@ -147,7 +147,10 @@ class RunRecord:
             return [float(r[key]) if r[key] else math.nan for r in rows]
 
         fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, label in (("centralized_accuracy", "centralized (test set)"), ("distributed_accuracy", "distributed (clients)")):
+        for key, label in (
+            ("centralized_accuracy", "centralized (test set)"),
+            ("distributed_accuracy", "distributed (clients)"),
+        ):
             acc.plot(rounds, series(key), marker="o", label=label)
         for key, label in (
             ("centralized_loss", "centralized (test set)"),
@@ -223,7 +226,7 @@ class CifarFedAvg(FedAvg):
         for proxy, res in results:
             try:
                 problem = update_problem(parameters_to_ndarrays(res.parameters), self.template, res.num_examples)
-            except Exception as e:  # bytes that are no arrays at all
+            except (ValueError, OSError, EOFError) as e:  # bytes that are no arrays at all
                 problem = f"sent unreadable parameters ({e})"
             if problem:
                 log(WARNING, "Rejected update from %s: %s", self._name(proxy, res.metrics), problem)
@@ -281,7 +284,9 @@ class WaitingClientManager(SimpleClientManager):
         deadline = time.monotonic() + timeout
         while True:
             with self._cv:
-                if self._cv.wait_for(lambda: len(self.clients) >= num_clients, timeout=min(5.0, max(0.0, deadline - time.monotonic()))):
+                if self._cv.wait_for(
+                    lambda: len(self.clients) >= num_clients, timeout=min(5.0, max(0.0, deadline - time.monotonic()))
+                ):
                     return True
                 connected = len(self.clients)
             if time.monotonic() >= deadline:
@@ -333,6 +338,7 @@ def build_strategy(cfg: argparse.Namespace, record: RunRecord, on_round=print) -
 
 def print_round(row: dict) -> None:
     """One line per finished round."""
+
     def num(key: str) -> str:
         v = row.get(key)
         return "-" if v is None else f"{v:.4f}"
@@ -347,7 +353,15 @@ def print_round(row: dict) -> None:
 
 def summary_table(rows: list[dict]) -> str:
     """The run's rounds as a fixed-width table."""
-    cols = ["round", "train_loss", "distributed_loss", "distributed_accuracy", "centralized_loss", "centralized_accuracy", "seconds"]
+    cols = [
+        "round",
+        "train_loss",
+        "distributed_loss",
+        "distributed_accuracy",
+        "centralized_loss",
+        "centralized_accuracy",
+        "seconds",
+    ]
     lines = ["  ".join(f"{c:>20}" if i else f"{c:>5}" for i, c in enumerate(cols))]
     for r in rows:
         lines.append("  ".join((f"{r[c] or '-':>20}" if i else f"{r[c]:>5}") for i, c in enumerate(cols)))
@@ -360,28 +374,70 @@ def summary_table(rows: list[dict]) -> str:
 EXPERIMENT_KEYS = ("rounds", "min_clients", "fraction_fit", "seed", "central_eval", "data_root", "cache_dir")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Namespace]:
-    parser = flags.Parser(description="Flower server: FedAvg over gRPC for the tutorial's CIFAR-10 CNN.")
-    parser.add_argument("--server-address", type=flags.host_port, default="127.0.0.1:8080", help="HOST:PORT to listen on; 0.0.0.0:8080 for clients on other machines")
+def add_server_args(parser: flags.Parser) -> None:
+    """Flags of the federated experiment, shared with run.py."""
     parser.add_argument("--rounds", type=flags.positive_int, default=3, help="rounds of federated learning")
     parser.add_argument("--min-clients", type=flags.positive_int, default=2, help="clients needed to start a round")
-    parser.add_argument("--fraction-fit", type=flags.fraction, default=1.0, help="fraction of connected clients sampled each round (at least --min-clients)")
-    parser.add_argument("--round-timeout", type=flags.positive_float, default=None, help="seconds a round waits for its clients; late ones count as failures (default: no limit)")
-    parser.add_argument("--central-eval", action=argparse.BooleanOptionalAction, default=True, help="evaluate the global model on the full test set every round (needs the data)")
+    parser.add_argument(
+        "--fraction-fit",
+        type=flags.fraction,
+        default=1.0,
+        help="fraction of connected clients sampled each round (at least --min-clients)",
+    )
+    parser.add_argument(
+        "--round-timeout",
+        type=flags.positive_float,
+        default=None,
+        help="seconds a round waits for its clients; late ones count as failures (default: no limit)",
+    )
+    parser.add_argument(
+        "--central-eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the global model on the full test set every round (needs the data)",
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, default=None, help="where this run's records go (default: runs/<date-time>)"
+    )
+    parser.add_argument(
+        "--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last completed round"
+    )
+    parser.add_argument(
+        "--certificates",
+        nargs=3,
+        type=flags.existing_file,
+        metavar=("CA", "CERT", "KEY"),
+        default=None,
+        help="enable TLS with these PEM files (see certs.py)",
+    )
+
+
+def check_resume(parser: flags.Parser, args: argparse.Namespace) -> None:
+    """--resume must name a run directory; its experiment settings replace the flags'."""
+    if args.resume is None:
+        return
+    if not (args.resume / "config.json").is_file():
+        parser.error(f"--resume {args.resume}: no config.json there, not a run directory")
+    saved = RunRecord(args.resume).config()
+    for key in EXPERIMENT_KEYS:
+        setattr(args, key, saved[key])
+    args.run_dir = args.resume
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Namespace]:
+    parser = flags.Parser(description="Flower server: FedAvg over gRPC for the tutorial's CIFAR-10 CNN.")
+    parser.add_argument(
+        "--server-address",
+        type=flags.host_port,
+        default="127.0.0.1:8080",
+        help="HOST:PORT to listen on; 0.0.0.0:8080 for clients on other machines",
+    )
+    add_server_args(parser)
     cifar.add_data_args(parser)
     parser.add_argument("--device", default="cpu", help="device for the centralized evaluation")
     parser.add_argument("--seed", type=flags.non_negative_int, default=0, help="seeds the initial global model")
-    parser.add_argument("--run-dir", type=Path, default=None, help="where this run's records go (default: runs/<date-time>)")
-    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last completed round")
-    parser.add_argument("--certificates", nargs=3, type=flags.existing_file, metavar=("CA", "CERT", "KEY"), default=None, help="enable TLS with these PEM files")
     args = parser.parse_args(argv)
-    if args.resume is not None:
-        if not (args.resume / "config.json").is_file():
-            parser.error(f"--resume {args.resume}: no config.json there, not a run directory")
-        saved = RunRecord(args.resume).config()
-        for key in EXPERIMENT_KEYS:
-            setattr(args, key, saved[key])
-        args.run_dir = args.resume
+    check_resume(parser, args)
     return parser, args
 
 
@@ -389,7 +445,10 @@ def main() -> None:
     parser, args = parse_args()
     cifar.check_device(parser, args.device)
     if args.certificates is None and not flags.is_loopback(args.server_address):
-        print(f"WARNING: listening on {args.server_address} without TLS: updates travel in plain text. Use --certificates CA CERT KEY.", file=sys.stderr)
+        print(
+            f"WARNING: listening on {args.server_address} without TLS: updates travel in plain text. Use --certificates CA CERT KEY.",
+            file=sys.stderr,
+        )
 
     run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     record = RunRecord(run_dir)
@@ -439,7 +498,11 @@ def server_fn(context: Context) -> ServerAppComponents:
         cache_dir=str(rc.get("cache-dir", cifar.CACHE_DIR)),
         device=str(rc.get("server-device", "cpu")),
     )
-    run_dir = Path(str(rc.get("run-dir") or "")) if rc.get("run-dir") else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = (
+        Path(str(rc.get("run-dir") or ""))
+        if rc.get("run-dir")
+        else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
     record = RunRecord(Path(run_dir).expanduser().resolve())
     record.create({k: getattr(cfg, k) for k in EXPERIMENT_KEYS})
     strategy, rounds_left = build_strategy(cfg, record, print_round)

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny learnable image folders, real CIFAR-10 subsets, real processes."""
+
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# Ten well-separated colours: class k is colour k plus noise, learnable in a few epochs
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]]
+)  # fmt: skip
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def make_image_folder(root: Path, n_train: int = 30, n_test: int = 10, seed: int = 0) -> Path:
+    """Write root/{train,test}/<class>/*.png: ten colour classes with pixel noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k, colour in enumerate(PALETTE):
+            d = root / split / f"class{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.clip(colour + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny learnable image-folder dataset (300 train, 100 test images)."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def real_subset(tmp_path_factory) -> Path:
+    """Real CIFAR-10 from ../shared: 500 train and 100 test images per class."""
+    if not SHARED_CIFAR.is_file():
+        pytest.skip(f"real CIFAR-10 copy not found at {SHARED_CIFAR}")
+    out = tmp_path_factory.mktemp("cifar")
+    limits = {"train": 500, "test": 100}
+    with tarfile.open(SHARED_CIFAR) as tar:
+        for member in tar:
+            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/NNNN.jpg
+            if member.isfile() and len(parts) == 4 and int(Path(parts[3]).stem) < limits[parts[1]]:
+                tar.extract(member, out, filter="data")
+    return out / "cifar10-jpeg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(script: str, *args, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts to completion and capture its output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def start(script: str, *args, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start one of the project's scripts in the background, output to `log`."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=ROOT, env=env or ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[int]:
+    """Wait for every process; kill them all if any outlives the timeout."""
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
