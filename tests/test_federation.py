@@ -1,7 +1,10 @@
 """server.py and client.py as real processes on loopback."""
 
 import csv
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +105,103 @@ def test_saved_checkpoint_loads_into_net_and_reproduces_the_reported_centralized
 def test_bad_flags_are_one_line_and_exit_code_2(script, flag, value):
     line = one_line_error(run(script, flag, value))
     assert flag in line or value in line
+
+
+def test_run_py_starts_four_partitioned_clients_and_completes(tiny, tmp_path):
+    r = run(
+        "run.py", "--clients", 4, "--rounds", 2, "--port", 0, "--partitioner", "dirichlet", "--alpha", 1.0,
+        "--run-dir", tmp_path / "run", *data_flags(tiny, tmp_path / "cache"), *FAST, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Round 2: distributed accuracy" in r.stdout and "centralized_accuracy" in r.stdout
+    table = rows(tmp_path / "run")
+    assert [int(x["round"]) for x in table] == [1, 2] and all(x["fit_clients"] == "4" for x in table)
+    assert (tmp_path / "run" / "plot.png").stat().st_size > 10_000
+    assert len(list((tmp_path / "run" / "logs").glob("client-*.log"))) == 4
+    for i in range(4):  # each client trained on its own share, not the full set
+        assert "on 300 examples" not in (tmp_path / "run" / "logs" / f"client-{i}.log").read_text()
+
+
+def test_run_py_with_missing_data_says_so_in_one_line_before_starting_anything(tmp_path):
+    (tmp_path / "d" / "train" / "cat").mkdir(parents=True)  # no test/ split
+    line = one_line_error(run("run.py", "--port", 0, "--data-root", tmp_path / "d", "--cache-dir", ""))
+    assert "test is missing" in line and not (tmp_path / "runs").exists()
+
+
+def processes_with(*needles: str) -> list[int]:
+    """PIDs whose command line holds every needle (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(n in text for n in needles):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_run_py_stops_every_process_when_one_client_dies(tiny, tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = start(
+        "run.py", "--clients", 3, "--rounds", 50, "--port", port, "--run-dir", tmp_path / "run",
+        *data_flags(tiny, tmp_path / "cache"), *FAST, log=tmp_path / "run.log",
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "metrics.csv").exists() or not rows(tmp_path / "run"):
+        assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "run.log").read_text()
+        time.sleep(0.1)
+    victims = processes_with("client.py", address)
+    assert len(victims) == 3
+    os.kill(victims[1], signal.SIGKILL)
+    assert finish([proc], timeout=60) == [1]
+    out = (tmp_path / "run.log").read_text()
+    assert "exited with code -9; stopping the others" in out
+    time.sleep(0.5)
+    assert processes_with("client.py", address) == [] and processes_with("server.py", address) == []
+
+
+def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_once(tiny, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    common = ("--server-address", address, *data_flags(tiny, cache))
+    srv = start("server.py", *common, "--rounds", 3, "--run-dir", run_dir, log=tmp_path / "s1.log")
+    clients = [start("client.py", *common, *FAST, log=tmp_path / f"c{i}.log") for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.csv").exists() or len(rows(run_dir)) < 1:
+        assert time.monotonic() < deadline and srv.poll() is None
+        time.sleep(0.05)
+    srv.kill()  # SIGKILL: no chance to clean up
+    srv.wait()
+    for c in clients:
+        c.kill()
+        c.wait()
+    done = len(rows(run_dir))
+    assert done < 3
+
+    srv = start("server.py", *common, "--resume", run_dir, log=tmp_path / "s2.log")
+    clients = [start("client.py", *common, *FAST, log=tmp_path / f"d{i}.log") for i in range(2)]
+    assert finish([srv, *clients]) == [0, 0, 0], (tmp_path / "s2.log").read_text()[-3000:]
+    assert f"Resuming {run_dir} after round {done}" in (tmp_path / "s2.log").read_text()
+    assert [int(r["round"]) for r in rows(run_dir)] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"round-00{i}.pt" for i in (1, 2, 3)]
+
+
+def test_a_resumed_strategy_starts_from_the_last_checkpoint_with_the_rounds_left(tiny, tmp_path):
+    import argparse
+
+    import numpy as np
+
+    import server
+
+    record = server.RunRecord(tmp_path)
+    record.create({})
+    weights = [w + 1 for w in cifar.get_weights(cifar.Net())]
+    record.save_checkpoint(1, weights)
+    record.append({"round": 1, "seconds": 1.0})
+    cfg = argparse.Namespace(rounds=3, seed=0, central_eval=False, fraction_fit=1.0, min_clients=2)
+    strategy, left = server.build_strategy(cfg, record)
+    assert left == 2 and strategy.offset == 1
+    initial = server.parameters_to_ndarrays(strategy.initialize_parameters(None))
+    assert all(np.array_equal(a, b) for a, b in zip(initial, weights))

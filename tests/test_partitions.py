@@ -1,0 +1,52 @@
+"""Each client its own share: flwr-datasets partitions, seeded."""
+
+import numpy as np
+import pytest
+import torch
+
+import cifar
+
+LABELS = torch.arange(2000) % 10  # sorted-by-class order is what image folders give too
+
+
+def shares(n, partitioner, seed=0, alpha=0.5, labels=LABELS):
+    return [cifar.partition_indices(labels, n, i, partitioner, alpha, seed) for i in range(n)]
+
+
+def test_iid_partitions_are_disjoint_cover_the_data_and_are_balanced():
+    parts = shares(4, "iid")
+    merged = np.concatenate(parts)
+    assert len(merged) == len(np.unique(merged)) == len(LABELS)
+    assert sorted(len(p) for p in parts) == [500] * 4
+    for p in parts:  # IID: every class present in about its share
+        counts = np.bincount(LABELS.numpy()[p], minlength=10)
+        assert counts.min() > 25
+
+
+def test_dirichlet_partitions_are_disjoint_cover_the_data_and_show_label_skew():
+    parts = shares(4, "dirichlet", alpha=0.1)
+    merged = np.concatenate(parts)
+    assert len(merged) == len(np.unique(merged)) == len(LABELS)
+    # With alpha=0.1 each client is dominated by a few classes: far from 10% each
+    top_share = [np.bincount(LABELS.numpy()[p], minlength=10).max() / len(p) for p in parts if len(p)]
+    assert max(top_share) > 0.4
+
+
+def test_partitions_are_reproducible_from_the_seed_and_change_with_it():
+    for kind in ("iid", "dirichlet"):
+        a, b, c = shares(3, kind, seed=1), shares(3, kind, seed=1), shares(3, kind, seed=2)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_holdout_is_disjoint_from_training_and_about_ten_percent():
+    share = cifar.partition_indices(LABELS, 2, 0, "iid")
+    train, held = cifar.split_holdout(share, 0.1, seed=0)
+    assert not set(train) & set(held)
+    assert sorted(np.concatenate([train, held])) == sorted(share)
+    assert len(held) == 100
+
+
+def test_a_partition_id_out_of_range_is_refused():
+    with pytest.raises(ValueError):
+        cifar.partition_indices(LABELS, 2, 2)
