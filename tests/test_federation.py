@@ -124,8 +124,10 @@ def test_run_py_starts_four_partitioned_clients_and_completes(tiny, tmp_path):
 
 def test_run_py_with_missing_data_says_so_in_one_line_before_starting_anything(tmp_path):
     (tmp_path / "d" / "train" / "cat").mkdir(parents=True)  # no test/ split
-    line = one_line_error(run("run.py", "--port", 0, "--data-root", tmp_path / "d", "--cache-dir", ""))
-    assert "test is missing" in line and not (tmp_path / "runs").exists()
+    line = one_line_error(
+        run("run.py", "--port", 0, "--data-root", tmp_path / "d", "--cache-dir", "", "--run-dir", tmp_path / "run")
+    )
+    assert "has no images" in line and not (tmp_path / "run").exists()
 
 
 def processes_with(*needles: str) -> list[int]:
