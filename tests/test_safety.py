@@ -1,0 +1,160 @@
+"""Safe to expose, hard to break: validated updates, TLS, crashed clients."""
+
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ENV, ROOT, finish, free_port, run, start
+from test_federation import FAST, data_flags, rows
+
+import cifar
+import server
+
+TEMPLATE = cifar.get_weights(cifar.Net())
+
+
+@pytest.mark.parametrize(
+    "change, examples, complaint",
+    [
+        (lambda w: w[:-1], 10, "sent 9 arrays"),
+        (lambda w: [np.zeros((2, 2), np.float32)] + w[1:], 10, "array 0 is float32[2, 2]"),
+        (lambda w: w[:3] + [w[3].astype(np.float64)] + w[4:], 10, "array 3 is float64"),
+        (lambda w: w[:2] + [np.full_like(w[2], np.nan)] + w[3:], 10, "NaN or Inf"),
+        (lambda w: w[:5] + [np.full_like(w[5], np.inf)] + w[6:], 10, "NaN or Inf"),
+        (lambda w: w, 0, "claims 0 examples"),
+        (lambda w: w, -5, "claims -5 examples"),
+        (lambda w: w, 10**12, "claims 1000000000000 examples"),
+    ],
+)
+def test_every_kind_of_bad_update_is_named(change, examples, complaint):
+    assert complaint in server.update_problem(change(list(TEMPLATE)), TEMPLATE, examples)
+
+
+def test_a_sound_update_passes():
+    assert server.update_problem([w * 0.5 for w in TEMPLATE], TEMPLATE, 500) is None
+
+
+@pytest.mark.parametrize(
+    "loss, examples, metrics",
+    [(math.nan, 10, {"accuracy": 0.5}), (math.inf, 10, {"accuracy": 0.5}), (-1.0, 10, {"accuracy": 0.5}),
+     (1.0, 10, {"accuracy": 1.5}), (1.0, 10, {"accuracy": -0.1}), (1.0, 10, {}), (1.0, 0, {"accuracy": 0.5})],
+)  # fmt: skip
+def test_every_kind_of_bad_evaluation_is_refused(loss, examples, metrics):
+    assert server.evaluation_problem(loss, examples, metrics) is not None
+    assert server.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
+
+
+def federation(tmp_path, name, hostile=(), extra_clients=0):
+    """Two honest partitioned clients (plus hostile ones) for 3 rounds; returns metrics rows and server log."""
+    address = f"127.0.0.1:{free_port()}"
+    base = tmp_path / name
+    base.mkdir()
+    common = ("--server-address", address, *data_flags(tmp_path.parent / "tiny0", tmp_path / "cache"))
+    n = 2 + len(hostile)
+    procs = [start("server.py", *common, "--min-clients", n, "--run-dir", base / "run", log=base / "server.log")]
+    for i in range(2):
+        procs.append(
+            start("client.py", *common, *FAST, "--threads", 1, "--num-partitions", 2, "--partition-id", i,
+                  log=base / f"client{i}.log")
+        )  # fmt: skip
+    for j, (updates, evals) in enumerate(hostile):
+        log = (base / f"hostile{j}.log").open("w")
+        procs.append(
+            subprocess.Popen([sys.executable, str(ROOT / "tests" / "hostile_client.py"), address, updates, evals],
+                             env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        )  # fmt: skip
+    codes = finish(procs)
+    return codes, rows(base / "run"), (base / "server.log").read_text()
+
+
+def test_hostile_clients_are_rejected_and_the_honest_result_is_unchanged(tiny, tmp_path):
+    hostile = [("shape,nan,examples0", "nanloss,accuracy5,examples0"), ("count,inf,dtype", "accuracy5,nanloss,nanloss")]
+    codes, attacked, log = federation(tmp_path, "attacked", hostile)
+    assert codes == [0, 0, 0, 0, 0], log[-3000:]
+    assert log.count("Rejected update from") == 6 and log.count("Rejected evaluation from") == 6
+    assert [r["rejected"] for r in attacked] == ["2", "2", "2"]
+    codes, honest, _ = federation(tmp_path, "honest")
+    assert codes == [0, 0, 0]
+    for a, h in zip(attacked, honest, strict=True):
+        for key in ("centralized_accuracy", "distributed_accuracy"):
+            assert float(a[key]) == pytest.approx(float(h[key]), abs=1e-3)
+        assert math.isfinite(float(a["centralized_loss"]))
+
+
+def test_a_client_killed_mid_round_is_a_failure_and_the_run_finishes_with_the_rest(tiny, tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    common = ("--server-address", address, *data_flags(tiny, tmp_path / "cache"))
+    srv = start("server.py", *common, "--min-clients", 2, "--run-dir", tmp_path / "run", log=tmp_path / "server.log")
+    honest = [start("client.py", *common, *FAST, log=tmp_path / f"c{i}.log") for i in range(2)]
+    # The victim's fit is long, so it is surely mid-round when it dies
+    victim = start("client.py", *common, "--lr", 0.001, "--epochs", 500, log=tmp_path / "victim.log")
+    deadline = time.monotonic() + 120
+    while "Received: train message" not in (tmp_path / "victim.log").read_text():  # Flower logs it as fit starts
+        assert time.monotonic() < deadline and victim.poll() is None
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait()
+    assert finish([srv, *honest]) == [0, 0, 0], (tmp_path / "server.log").read_text()[-3000:]
+    table = rows(tmp_path / "run")
+    assert [int(r["round"]) for r in table] == [1, 2, 3]
+    # The round it died in aggregates whoever else was sampled; later rounds both honest clients
+    assert sum(int(r["rejected"]) for r in table) == 1 and all(int(r["fit_clients"]) >= 1 for r in table)
+    assert table[-1]["fit_clients"] == "2"
+
+
+def make_certs(out, hosts=("localhost", "127.0.0.1")):
+    r = run("certs.py", "--out", out, "--hosts", *hosts)
+    assert r.returncode == 0, r.stderr
+    return out / "ca.crt", out / "server.crt", out / "server.key"
+
+
+def test_a_tls_run_completes_and_a_client_with_the_wrong_ca_is_refused(tiny, tmp_path):
+    ca, cert, key = make_certs(tmp_path / "certs")
+    wrong_ca, _, _ = make_certs(tmp_path / "other")
+    address = f"127.0.0.1:{free_port()}"
+    common = ("--server-address", address, *data_flags(tiny, tmp_path / "cache"))
+    srv = start("server.py", *common, "--rounds", 1, "--certificates", ca, cert, key, "--run-dir", tmp_path / "run",
+                log=tmp_path / "server.log")  # fmt: skip
+    began = time.monotonic()
+    intruder = run("client.py", *common, "--root-certificates", wrong_ca, "--connect-timeout", 5, timeout=60)
+    assert intruder.returncode != 0 and "Traceback" not in intruder.stderr
+    assert time.monotonic() - began < 60
+    clients = [
+        start("client.py", *common, *FAST, "--root-certificates", ca, log=tmp_path / f"c{i}.log") for i in range(2)
+    ]
+    assert finish([srv, *clients]) == [0, 0, 0], (tmp_path / "server.log").read_text()[-3000:]
+    assert "SSL is enabled" in (tmp_path / "server.log").read_text()
+    assert len(rows(tmp_path / "run")) == 1
+
+
+def test_certs_refuses_to_overwrite_existing_keys(tmp_path):
+    make_certs(tmp_path / "certs")
+    r = run("certs.py", "--out", tmp_path / "certs")
+    assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_listening_beyond_loopback_without_tls_warns(tmp_path):
+    r = run("server.py", "--server-address", f"0.0.0.0:{free_port()}", "--data-root", tmp_path / "nope" , "--cache-dir", "",
+            env={**ENV, "https_proxy": "http://127.0.0.1:9"})  # fmt: skip
+    assert "without TLS" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, complaint",
+    [
+        ("client.py", ["--partition-id", "2", "--num-partitions", "2"], "--partition-id 2 is not in 0..1"),
+        ("client.py", ["--partition-id", "0"], "go together"),
+        ("client.py", ["--alpha", "0"], "--alpha"),
+        ("client.py", ["--root-certificates", "/no/such/ca.crt"], "file not found"),
+        ("server.py", ["--certificates", "a", "b", "c"], "file not found"),
+        ("server.py", ["--resume", "/no/such/run"], "not a run directory"),
+        ("run.py", ["--clients", "0"], "--clients"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(script, args, complaint):
+    r = run(script, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and complaint in r.stderr, r.stderr
