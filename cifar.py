@@ -99,7 +99,7 @@ def _load_torchvision(root: Path) -> Data:
     return Data(*tensors(train), *tensors(test), list(train.classes))
 
 
-def _scan_split(split: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
+def _scan_split(split: Path, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
     """List images as torchvision's ImageFolder orders them: sorted classes, sorted files."""
     if not split.is_dir():
         raise DataError(f"{split} is missing: an image folder needs train/<class>/ and test/<class>/")
@@ -113,23 +113,23 @@ def _scan_split(split: Path, classes: list[str] | None) -> tuple[list[Path], lis
         for dirpath, _, names in sorted(os.walk(split / name, followlinks=True)):
             for fname in sorted(names):
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(Path(dirpath) / fname)
+                    files.append(os.path.join(dirpath, fname))  # str, not Path: 60,000 of them
                     labels.append(label)
     if not files:
         raise DataError(f"{split} has no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files, labels, found
 
 
-def _fingerprint(root: Path, files: list[Path]) -> str:
+def _fingerprint(files: list[str]) -> str:
     """Hash of every file's name, size and mtime: any change invalidates the cache."""
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: str) -> np.ndarray:
     from PIL import Image
 
     try:
@@ -142,7 +142,7 @@ def _decode(path: Path) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
-def _decode_all(files: list[Path]) -> Tensor:
+def _decode_all(files: list[str]) -> Tensor:
     # PIL releases the GIL while decoding, so threads use every core
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         return torch.from_numpy(np.stack(list(pool.map(_decode, files, chunksize=256))))
@@ -152,7 +152,7 @@ def _load_image_folder(root: Path, cache_dir: str | Path | None) -> Data:
     try:
         train_files, train_y, classes = _scan_split(root / "train", None)
         test_files, test_y, _ = _scan_split(root / "test", classes)
-        fingerprint = _fingerprint(root, train_files + test_files)
+        fingerprint = _fingerprint(train_files + test_files)
     except OSError as e:
         raise DataError(f"cannot read {root}: {e}") from None
 
@@ -233,7 +233,8 @@ def split_holdout(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.n
 
 def normalize(x: Tensor, device: torch.device) -> Tensor:
     """uint8 images to floats exactly as ToTensor() + Normalize(0.5, 0.5) compute them."""
-    return x.to(device).float().div(255).sub(0.5).div(0.5)
+    # Stored channels_last, as the model's weights are: batches need no layout conversion
+    return x.to(device).float().div(255).sub(0.5).div(0.5).contiguous(memory_format=torch.channels_last)
 
 
 class Batches:

@@ -172,9 +172,14 @@ def main() -> None:
     root_certificates = args.root_certificates.read_bytes() if args.root_certificates else None
 
     if not wait_for_server(args.server_address, root_certificates, args.connect_timeout):
+        hint = (
+            " and that --root-certificates holds the CA that signed the server's certificate"
+            if root_certificates
+            else ""
+        )
         print(
             f"{parser.prog}: error: no server answered at {args.server_address} within "
-            f"{args.connect_timeout:g} s: start server.py first, or check --server-address",
+            f"{args.connect_timeout:g} s: start server.py first, or check --server-address{hint}",
             file=sys.stderr,
         )
         sys.exit(1)
