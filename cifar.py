@@ -3,6 +3,7 @@
 `python3 cifar.py` is the centralized baseline that the federated code builds on.
 """
 
+import argparse
 import contextlib
 import hashlib
 import os
@@ -231,10 +232,31 @@ def split_holdout(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.n
 # ---------------------------------------------------------------- loaders
 
 
-def normalize(x: Tensor, device: torch.device) -> Tensor:
-    """uint8 images to floats exactly as ToTensor() + Normalize(0.5, 0.5) compute them."""
+def normalize(x: Tensor, device: torch.device, mean_std: bool = True) -> Tensor:
+    """uint8 images to floats exactly as ToTensor() + Normalize(0.5, 0.5) compute them.
+
+    With mean_std=False, ToTensor() alone: values in [0, 1].
+    """
+    x = x.to(device).float().div(255)
+    if mean_std:
+        x = x.sub(0.5).div(0.5)
     # Stored channels_last, as the model's weights are: batches need no layout conversion
-    return x.to(device).float().div(255).sub(0.5).div(0.5).contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Reflect-pad 4, random 32x32 crop and random horizontal flip, on a whole batch at once."""
+    n, c, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dy, dx = torch.randint(0, 9, (2, n), generator=generator).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    channel = torch.arange(c, device=dev)[None, :, None, None]
+    crops = padded[batch, channel, rows, cols]  # one gather for the whole batch
+    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)[:, None, None, None]
+    return torch.where(flip, crops.flip(3), crops).contiguous(memory_format=torch.channels_last)
 
 
 class Batches:
@@ -244,9 +266,13 @@ class Batches:
     generator seed it yields the same batches as the tutorial's loader.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool = False, seed: int = 0):
-        self.x, self.y, self.batch_size = x, y, batch_size
+    def __init__(
+        self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool = False, seed: int = 0, augment: bool = False
+    ):
+        self.x, self.y, self.batch_size, self.augment = x, y, batch_size, augment
         self.generator = torch.Generator().manual_seed(seed) if shuffle else None
+        # Augmentation draws from its own generator: the shuffle stays the tutorial's
+        self.augment_generator = torch.Generator().manual_seed(seed + 1) if augment else None
         self.dataset = y  # len(loader.dataset), as with a DataLoader
 
     def __len__(self) -> int:
@@ -264,8 +290,20 @@ class Batches:
         order = torch.randperm(n, generator=self.generator).to(self.y.device)
         for i in range(0, n, bs):
             idx = order[i : i + bs]
-            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+            x = self.x.index_select(0, idx)
+            yield (augment(x, self.augment_generator) if self.augment else x), self.y.index_select(0, idx)
         torch.randperm(n, generator=self.generator)
+
+
+def _subsets(data: Data, train_idx, test_idx, test_from_train: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training and test tensors, optionally subsets; the test set can come from the training set."""
+    tx, ty = data.train_x, data.train_y
+    ex, ey = (tx, ty) if test_from_train else (data.test_x, data.test_y)
+    if train_idx is not None:
+        tx, ty = tx[train_idx], ty[train_idx]
+    if test_idx is not None:
+        ex, ey = ex[test_idx], ey[test_idx]
+    return tx, ty, ex, ey
 
 
 def make_loaders(
@@ -276,47 +314,57 @@ def make_loaders(
     train_idx: np.ndarray | None = None,
     test_idx: np.ndarray | None = None,
     test_from_train: bool = False,
+    augment: bool = False,
+    mean_std: bool = True,
 ) -> tuple[Batches, Batches]:
     """Fast loaders over (a subset of) the decoded data, normalized once on the device."""
-    tx, ty = data.train_x, data.train_y
-    ex, ey = (tx, ty) if test_from_train else (data.test_x, data.test_y)
-    if train_idx is not None:
-        tx, ty = tx[train_idx], ty[train_idx]
-    if test_idx is not None:
-        ex, ey = ex[test_idx], ey[test_idx]
-    train = Batches(normalize(tx, device), ty.to(device), batch_size, shuffle=True, seed=seed)
-    test = Batches(normalize(ex, device), ey.to(device), EVAL_BATCH_SIZE)
+    tx, ty, ex, ey = _subsets(data, train_idx, test_idx, test_from_train)
+    train = Batches(normalize(tx, device, mean_std), ty.to(device), batch_size, True, seed, augment)
+    test = Batches(normalize(ex, device, mean_std), ey.to(device), EVAL_BATCH_SIZE)
     return train, test
 
 
+class TutorialDataset(torch.utils.data.Dataset):
+    """Images served as torchvision's CIFAR10 serves them: a PIL image per sample, then the transform."""
+
+    def __init__(self, x: Tensor, y: Tensor, transform) -> None:
+        self.images = x.permute(0, 2, 3, 1).contiguous().numpy()  # NHWC uint8, like CIFAR10.data
+        self.labels = y.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
 def tutorial_loaders(
-    data_root: str | Path,
+    data: Data,
     batch_size: int,
     seed: int,
     train_idx: np.ndarray | None = None,
     test_idx: np.ndarray | None = None,
     test_from_train: bool = False,
+    augment: bool = False,
+    mean_std: bool = True,
 ):
-    """The tutorial's pipeline: per-sample PIL decode and transforms in a DataLoader."""
-    from torch.utils.data import DataLoader, Subset
+    """The tutorial's pipeline, the baseline: per-sample PIL images and transforms in a DataLoader."""
+    from torch.utils.data import DataLoader
     from torchvision import transforms
-    from torchvision.datasets import CIFAR10, ImageFolder
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    root = Path(data_root).expanduser()
-    if is_image_folder(root):
-        trainset = ImageFolder(str(root / "train"), transform=transform)
-        testset = ImageFolder(str(root / ("train" if test_from_train else "test")), transform=transform)
-    else:
-        trainset = CIFAR10(root, train=True, download=True, transform=transform)
-        testset = CIFAR10(root, train=test_from_train, download=True, transform=transform)
-    if train_idx is not None:
-        trainset = Subset(trainset, train_idx.tolist())
-    if test_idx is not None:
-        testset = Subset(testset, test_idx.tolist())
+    steps = [transforms.ToTensor()]
+    if mean_std:
+        steps.append(transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    transform = transforms.Compose(steps)
+    crop_flip = [transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip()]
+    train_transform = transforms.Compose(crop_flip + steps) if augment else transform
+    tx, ty, ex, ey = _subsets(data, train_idx, test_idx, test_from_train)
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(trainset, batch_size=batch_size, shuffle=True, generator=generator)
-    test = DataLoader(testset, batch_size=batch_size, shuffle=False)
+    train = DataLoader(TutorialDataset(tx, ty, train_transform), batch_size, shuffle=True, generator=generator)
+    test = DataLoader(TutorialDataset(ex, ey, transform), batch_size, shuffle=False)
     return train, test
 
 
@@ -358,11 +406,12 @@ def train(
     device: torch.device,
     lr: float = 0.001,
     momentum: float = 0.9,
+    weight_decay: float = 0.0,
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> float:
     """Train with SGD; return the mean training loss over all steps (nan for no steps)."""
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, foreach=True)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
     net.train()
     # Losses accumulate on the device: no host sync per step, only when progress is shown
     total = torch.zeros((), device=device)
@@ -437,6 +486,19 @@ def add_train_args(parser: flags.Parser, epochs: int) -> None:
     parser.add_argument("--batch-size", type=flags.positive_int, default=32, help="training batch size")
     parser.add_argument("--lr", type=flags.positive_float, default=0.001, help="SGD learning rate")
     parser.add_argument("--momentum", type=flags.non_negative_float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=flags.non_negative_float, default=0.0, help="SGD weight decay")
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="random crop (reflect-pad 4) and horizontal flip of training images, whole batches at once",
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Normalize((0.5,)*3, (0.5,)*3) after ToTensor, as the tutorial; --no-normalize keeps [0, 1]",
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:0', ...")
     parser.add_argument(
         "--threads", type=flags.positive_int, default=None, help="torch CPU threads (default: all cores)"
@@ -469,13 +531,14 @@ def main() -> None:
     print("Load data")
     start = time.perf_counter()
     try:
-        if args.pipeline == "tutorial":
-            trainloader, testloader = tutorial_loaders(args.data_root, args.batch_size, args.seed)
-        else:
-            data = load_data(args.data_root, args.cache_dir)
-            trainloader, testloader = make_loaders(data, args.batch_size, device, args.seed)
+        data = load_data(args.data_root, args.cache_dir)
     except DataError as e:
         flags.die(str(e), parser.prog)
+    options = {"augment": args.augment, "mean_std": args.normalize}
+    if args.pipeline == "tutorial":
+        trainloader, testloader = tutorial_loaders(data, args.batch_size, args.seed, **options)
+    else:
+        trainloader, testloader = make_loaders(data, args.batch_size, device, args.seed, **options)
     loaded = time.perf_counter()
     print(
         f"Loaded {len(trainloader.dataset)} training and {len(testloader.dataset)} test images in {loaded - start:.1f} s"
@@ -490,6 +553,7 @@ def main() -> None:
         device,
         args.lr,
         args.momentum,
+        args.weight_decay,
         on_progress=lambda epoch, batch, loss: print(f"[{epoch}, {batch:5d}] loss: {loss:.3f}"),
     )
     trained = time.perf_counter()

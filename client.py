@@ -5,6 +5,7 @@ client as a Flower ClientApp for `flwr run` (Simulation and Deployment Engines).
 """
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,9 @@ HOLDOUT_FRACTION = 0.1  # of a partition, kept back for the client's own evaluat
 class CifarClient(fl.client.NumPyClient):
     """Trains and evaluates the tutorial's Net on this client's data."""
 
-    def __init__(self, net, trainloader, testloader, device, epochs=1, lr=0.001, momentum=0.9):
+    def __init__(self, net, trainloader, testloader, device, epochs=1, **optimizer):
         self.net, self.trainloader, self.testloader = net, trainloader, testloader
-        self.device, self.epochs, self.lr, self.momentum = device, epochs, lr, momentum
+        self.device, self.epochs, self.optimizer = device, epochs, optimizer  # lr, momentum, weight_decay
 
     def get_parameters(self, config) -> list[np.ndarray]:
         return cifar.get_weights(self.net)
@@ -35,7 +36,7 @@ class CifarClient(fl.client.NumPyClient):
     def fit(self, parameters, config):
         start = time.perf_counter()
         cifar.set_weights(self.net, parameters)
-        loss = cifar.train(self.net, self.trainloader, self.epochs, self.device, self.lr, self.momentum)
+        loss = cifar.train(self.net, self.trainloader, self.epochs, self.device, **self.optimizer)
         seconds = time.perf_counter() - start
         print(
             f"fit: {self.epochs} epoch(s) on {len(self.trainloader.dataset)} examples, loss {loss:.4f}, {seconds:.1f} s"
@@ -65,8 +66,7 @@ def build_client(args: argparse.Namespace, data: cifar.Data | None = None) -> Ci
         torch.set_num_threads(args.threads)
     train_idx = test_idx = None
     test_from_train = False
-    if args.num_partitions or args.pipeline == "fast":
-        data = data or cifar.load_data(args.data_root, args.cache_dir)
+    data = data or cifar.load_data(args.data_root, args.cache_dir)
     if args.num_partitions:
         share = cifar.partition_indices(
             data.train_y, args.num_partitions, args.partition_id, args.partitioner, args.alpha, args.seed
@@ -75,14 +75,15 @@ def build_client(args: argparse.Namespace, data: cifar.Data | None = None) -> Ci
         test_from_train = True
     # Each client shuffles differently, but reproducibly from the one --seed
     shuffle_seed = args.seed + (args.partition_id or 0)
+    subset = (train_idx, test_idx, test_from_train)
+    options = {"augment": args.augment, "mean_std": args.normalize}
     if args.pipeline == "tutorial":
-        loaders = cifar.tutorial_loaders(
-            args.data_root, args.batch_size, shuffle_seed, train_idx, test_idx, test_from_train
-        )
+        loaders = cifar.tutorial_loaders(data, args.batch_size, shuffle_seed, *subset, **options)
     else:
-        loaders = cifar.make_loaders(data, args.batch_size, device, shuffle_seed, train_idx, test_idx, test_from_train)
+        loaders = cifar.make_loaders(data, args.batch_size, device, shuffle_seed, *subset, **options)
     net = cifar.make_net(args.seed, device)
-    return CifarClient(net, *loaders, device, args.epochs, args.lr, args.momentum)
+    optimizer = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
+    return CifarClient(net, *loaders, device, args.epochs, **optimizer)
 
 
 def wait_for_server(address: str, root_certificates: bytes | None, timeout: float, quiet: bool = False) -> bool:
@@ -194,10 +195,14 @@ def main() -> None:
 # ---------------------------------------------------------------- Flower App
 
 
+# A simulation runs many clients in one process: decode the data once per process
+_shared_data = functools.cache(cifar.load_data)
+
+
 def client_fn(context: Context):
     """Build this node's client from the run config and the node's partition."""
     args = run_config_args(context.run_config, context.node_config)
-    return build_client(args).to_client()
+    return build_client(args, _shared_data(args.data_root, args.cache_dir)).to_client()
 
 
 def run_config_args(run_config: dict, node_config: dict) -> argparse.Namespace:
@@ -211,6 +216,9 @@ def run_config_args(run_config: dict, node_config: dict) -> argparse.Namespace:
         batch_size=int(run_config["batch-size"]),
         lr=float(run_config["lr"]),
         momentum=float(run_config["momentum"]),
+        weight_decay=float(run_config["weight-decay"]),
+        augment=bool(run_config["augment"]),
+        normalize=bool(run_config["normalize"]),
         device=str(run_config.get("device", "auto")),
         threads=int(run_config.get("threads", 0)) or None,
         seed=int(run_config["seed"]),

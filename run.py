@@ -30,7 +30,9 @@ def client_command(args, address: str, i: int) -> list[str]:
         *("--server-address", address, "--data-root", args.data_root, "--cache-dir", args.cache_dir),
         *("--pipeline", args.pipeline, "--epochs", args.epochs, "--batch-size", args.batch_size),
         *("--lr", args.lr, "--momentum", args.momentum, "--device", args.device),
-        *("--threads", args.threads, "--seed", args.seed),
+        *("--threads", args.threads, "--seed", args.seed, "--weight-decay", args.weight_decay),
+        "--augment" if args.augment else "--no-augment",
+        "--normalize" if args.normalize else "--no-normalize",
     ]
     if args.partitioner != "none":
         cmd += ["--partition-id", i, "--num-partitions", args.clients, "--partitioner", args.partitioner]
@@ -47,6 +49,7 @@ def server_command(args, address: str) -> list[str]:
         *("--fraction-fit", args.fraction_fit, "--run-dir", args.run_dir, "--seed", args.seed),
         *("--data-root", args.data_root, "--cache-dir", args.cache_dir),
         "--central-eval" if args.central_eval else "--no-central-eval",
+        "--normalize" if args.normalize else "--no-normalize",
     ]
     if args.round_timeout:
         cmd += ["--round-timeout", args.round_timeout]

@@ -43,6 +43,7 @@ FIELDS = [
     "seconds",
     "flower_overhead_seconds",
 ]
+APP_RUNS = "~/flower-cifar/runs"  # where the Flower App's runs go unless run-dir says otherwise
 MAX_EXAMPLES = 10_000_000  # a claimed dataset size above this is absurd for this task
 
 
@@ -296,10 +297,11 @@ class WaitingClientManager(SimpleClientManager):
             print(f"Waiting for clients: {connected} of {num_clients} connected", flush=True)
 
 
-def central_evaluator(data_root: str, cache_dir: str, device: torch.device):
+def central_evaluator(data_root: str, cache_dir: str, device: torch.device, mean_std: bool = True):
     """An evaluate_fn that tests the global model on the full test set."""
     data = cifar.load_data(data_root, cache_dir)
-    testloader = cifar.Batches(cifar.normalize(data.test_x, device), data.test_y.to(device), cifar.EVAL_BATCH_SIZE)
+    x = cifar.normalize(data.test_x, device, mean_std)  # exactly as the clients see their data
+    testloader = cifar.Batches(x, data.test_y.to(device), cifar.EVAL_BATCH_SIZE)
     net = cifar.make_net(0, device)
     lock = threading.Lock()
 
@@ -321,7 +323,8 @@ def build_strategy(cfg: argparse.Namespace, record: RunRecord, on_round=print) -
         weights = cifar.get_weights(cifar.make_net(cfg.seed, torch.device("cpu")))
     evaluate_fn = None
     if cfg.central_eval:
-        evaluate_fn = central_evaluator(cfg.data_root, cfg.cache_dir, cifar.resolve_device(cfg.device))
+        device = cifar.resolve_device(cfg.device)
+        evaluate_fn = central_evaluator(cfg.data_root, cfg.cache_dir, device, cfg.normalize)
     strategy = CifarFedAvg(
         weights=weights,
         record=record,
@@ -373,7 +376,16 @@ def summary_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- command line
 
 # What a resumed run takes from its config.json rather than from the command line
-EXPERIMENT_KEYS = ("rounds", "min_clients", "fraction_fit", "seed", "central_eval", "data_root", "cache_dir")
+EXPERIMENT_KEYS = (
+    "rounds",
+    "min_clients",
+    "fraction_fit",
+    "seed",
+    "central_eval",
+    "normalize",
+    "data_root",
+    "cache_dir",
+)
 
 
 def add_server_args(parser: flags.Parser) -> None:
@@ -422,7 +434,7 @@ def check_resume(parser: flags.Parser, args: argparse.Namespace) -> None:
         parser.error(f"--resume {args.resume}: no config.json there, not a run directory")
     saved = RunRecord(args.resume).config()
     for key in EXPERIMENT_KEYS:
-        setattr(args, key, saved[key])
+        setattr(args, key, saved.get(key, getattr(args, key)))
     args.run_dir = args.resume
 
 
@@ -437,6 +449,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Na
     add_server_args(parser)
     cifar.add_data_args(parser)
     parser.add_argument("--device", default="cpu", help="device for the centralized evaluation")
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="normalize test images as the clients do (their --normalize)",
+    )
     parser.add_argument("--seed", type=flags.non_negative_int, default=0, help="seeds the initial global model")
     args = parser.parse_args(argv)
     check_resume(parser, args)
@@ -496,16 +514,14 @@ def server_fn(context: Context) -> ServerAppComponents:
         fraction_fit=float(rc["fraction-fit"]),
         seed=int(rc["seed"]),
         central_eval=bool(rc["central-eval"]),
+        normalize=bool(rc["normalize"]),
         data_root=str(Path(str(rc["data-root"])).expanduser()),
         cache_dir=str(rc.get("cache-dir", cifar.CACHE_DIR)),
         device=str(rc.get("server-device", "cpu")),
     )
-    run_dir = (
-        Path(str(rc.get("run-dir") or ""))
-        if rc.get("run-dir")
-        else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    )
-    record = RunRecord(Path(run_dir).expanduser().resolve())
+    # A run-dir that already holds rounds is continued, as server.py --resume does
+    run_dir = Path(str(rc["run-dir"]) or f"{APP_RUNS}/{datetime.now():%Y%m%d-%H%M%S}")
+    record = RunRecord(run_dir.expanduser().resolve())
     record.create({k: getattr(cfg, k) for k in EXPERIMENT_KEYS})
     strategy, rounds_left = build_strategy(cfg, record, print_round)
     return ServerAppComponents(strategy=strategy, config=fl.server.ServerConfig(num_rounds=rounds_left))

@@ -40,7 +40,7 @@ def test_fast_pipeline_yields_exactly_the_tutorial_pipelines_batches(tiny, tmp_p
     data = cifar.load_data(tiny, tmp_path)
     idx = np.arange(0, 300, 3)
     fast, fast_test = cifar.make_loaders(data, 32, CPU, seed=5, train_idx=idx)
-    slow, slow_test = cifar.tutorial_loaders(tiny, 32, seed=5, train_idx=idx)
+    slow, slow_test = cifar.tutorial_loaders(data, 32, seed=5, train_idx=idx)
     for _ in range(2):  # two epochs: shuffling differs per epoch, identically in both
         pairs = list(zip(fast, slow, strict=True))
         for (x1, y1), (x2, y2) in pairs:
@@ -170,3 +170,38 @@ def test_corrupt_image_is_named_in_the_error(tmp_path):
 def test_bad_flags_are_one_line_and_exit_code_2(flag, value):
     line = one_line_error(run("cifar.py", flag, value))
     assert flag in line or value in line
+
+
+def test_batch_augmentation_crops_from_the_reflect_padded_image_and_flips_some():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 32, 32)
+    out = cifar.augment(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    flipped = 0
+    for i in range(len(x)):
+        windows = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
+        if any(torch.equal(out[i], w) for w in windows):
+            continue
+        assert any(torch.equal(out[i], w.flip(2)) for w in windows)
+        flipped += 1
+    assert 10 < flipped < 54  # about half
+    again = cifar.augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+
+
+def test_augmented_batches_keep_the_tutorials_shuffle_and_labels(tiny, tmp_path):
+    data = cifar.load_data(tiny, tmp_path)
+    plain, _ = cifar.make_loaders(data, 32, CPU, seed=3)
+    augmented, _ = cifar.make_loaders(data, 32, CPU, seed=3, augment=True)
+    pairs = list(zip(plain, augmented, strict=True))
+    assert all(torch.equal(y1, y2) for (_, y1), (_, y2) in pairs)
+    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in pairs)
+
+
+def test_without_normalize_images_stay_in_zero_one_as_totensor_gives(tiny, tmp_path):
+    data = cifar.load_data(tiny, tmp_path)
+    fast, _ = cifar.make_loaders(data, 50, CPU, seed=0, mean_std=False)
+    slow, _ = cifar.tutorial_loaders(data, 50, seed=0, mean_std=False)
+    (x1, _), (x2, _) = next(iter(fast)), next(iter(slow))
+    assert torch.equal(x1, x2) and x1.min() >= 0 and x1.max() <= 1

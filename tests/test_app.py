@@ -1,0 +1,104 @@
+"""The same code as a Flower App: Simulation Engine and Deployment Engine, real processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ENV, ROOT, finish, free_port
+from test_federation import processes_with, rows
+
+FLWR_BIN = Path(sys.executable).parent
+pytest.importorskip("ray", reason="the Simulation Engine needs flwr[simulation]")
+
+
+def app_env(home: Path) -> dict:
+    """Flower's state in a temporary home; the app runs in this environment, no `uv sync`."""
+    return {
+        **ENV,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "PATH": f"{FLWR_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def run_config(tiny, tmp_path, rounds=2, **extra) -> str:
+    items = {
+        "num-server-rounds": rounds,
+        "data-root": f"'{tiny}'",
+        "cache-dir": f"'{tmp_path / 'cache'}'",
+        "run-dir": f"'{tmp_path / 'run'}'",
+        "lr": 0.02,
+        "batch-size": 16,
+        "local-epochs": 2,
+        **extra,
+    }
+    return " ".join(f"{k}={v}" for k, v in items.items())
+
+
+def flwr_run(env, *args, log: Path, timeout=300) -> int:
+    with log.open("w") as f:
+        return subprocess.run(
+            [str(FLWR_BIN / "flwr"), "run", str(ROOT), *args, "--stream"],
+            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+        ).returncode  # fmt: skip
+
+
+def test_simulation_engine_runs_the_app_with_partitioned_supernodes(tiny, tmp_path):
+    env = app_env(tmp_path / "flwr-home")
+    try:
+        code = flwr_run(
+            env,
+            "--run-config", run_config(tiny, tmp_path, **{"min-clients": 3}),
+            "--federation-config", "num-supernodes=3",
+            log=tmp_path / "flwr.log",
+        )  # fmt: skip
+    finally:  # the local SuperLink that `flwr run` started detaches: stop it
+        for pid in processes_with("flower-superlink", str(tmp_path / "flwr-home")):
+            os.kill(pid, signal.SIGTERM)
+    log = (tmp_path / "flwr.log").read_text()
+    assert code == 0, log[-4000:]
+    table = rows(tmp_path / "run")
+    assert [int(r["round"]) for r in table] == [1, 2] and all(r["fit_clients"] == "3" for r in table)
+    assert float(table[-1]["centralized_accuracy"]) > 0.2
+
+
+def supernode(env: dict, fleet: str, i: int, log: Path) -> subprocess.Popen:
+    """A SuperNode holding partition i of 2."""
+    return subprocess.Popen(
+        [str(FLWR_BIN / "flower-supernode"), "--insecure", "--superlink", fleet,
+         "--node-config", f"partition-id={i} num-partitions=2", "--host", "127.0.0.1", "--port", str(free_port())],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def test_deployment_engine_superlink_and_two_supernodes_run_the_app(tiny, tmp_path):
+    home = tmp_path / "flwr-home"
+    env = app_env(home)
+    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{control}"\ninsecure = true\n'
+    )
+    superlink = subprocess.Popen(
+        [str(FLWR_BIN / "flower-superlink"), "--insecure", "--fleet-api-address", fleet,
+         "--control-api-address", control, "--host", "127.0.0.1", "--port", str(free_port())],
+        env=env, stdout=(tmp_path / "superlink.log").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    nodes = [supernode(env, fleet, i, tmp_path / f"supernode{i}.log") for i in range(2)]
+    try:
+        time.sleep(2)
+        code = flwr_run(env, "deploy", "--run-config", run_config(tiny, tmp_path), log=tmp_path / "flwr.log")
+    finally:
+        for p in [superlink, *nodes]:
+            p.terminate()
+        finish([superlink, *nodes], timeout=30)
+    log = (tmp_path / "flwr.log").read_text()
+    assert code == 0, log[-3000:] + (tmp_path / "superlink.log").read_text()[-3000:]
+    table = rows(tmp_path / "run")
+    assert [int(r["round"]) for r in table] == [1, 2] and all(r["fit_clients"] == "2" for r in table)
