@@ -68,10 +68,10 @@ def test_simulation_engine_runs_the_app_with_partitioned_supernodes(tiny, tmp_pa
     assert float(table[-1]["centralized_accuracy"]) > 0.2
 
 
-def supernode(env: dict, fleet: str, i: int, log: Path) -> subprocess.Popen:
+def supernode(env: dict, superlink: str, i: int, log: Path) -> subprocess.Popen:
     """A SuperNode holding partition i of 2."""
     return subprocess.Popen(
-        [str(FLWR_BIN / "flower-supernode"), "--insecure", "--superlink", fleet,
+        [str(FLWR_BIN / "flower-supernode"), "--insecure", "--superlink", superlink,
          "--node-config", f"partition-id={i} num-partitions=2", "--host", "127.0.0.1", "--port", str(free_port())],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -80,17 +80,18 @@ def supernode(env: dict, fleet: str, i: int, log: Path) -> subprocess.Popen:
 def test_deployment_engine_superlink_and_two_supernodes_run_the_app(tiny, tmp_path):
     home = tmp_path / "flwr-home"
     env = app_env(home)
-    fleet, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    # One HTTP port serves the Fleet, Control and Runtime APIs (flwr 1.42)
+    port = free_port()
+    link = f"127.0.0.1:{port}"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{control}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{link}"\ninsecure = true\n'
     )
     superlink = subprocess.Popen(
-        [str(FLWR_BIN / "flower-superlink"), "--insecure", "--fleet-api-address", fleet,
-         "--control-api-address", control, "--host", "127.0.0.1", "--port", str(free_port())],
+        [str(FLWR_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=(tmp_path / "superlink.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    nodes = [supernode(env, fleet, i, tmp_path / f"supernode{i}.log") for i in range(2)]
+    nodes = [supernode(env, link, i, tmp_path / f"supernode{i}.log") for i in range(2)]
     try:
         time.sleep(2)
         code = flwr_run(env, "deploy", "--run-config", run_config(tiny, tmp_path), log=tmp_path / "flwr.log")
