@@ -1,27 +1,27 @@
-"""Benchmark the project's pipeline against the tutorial's, on real CIFAR-10, and write BENCHMARKS.md.
+"""Benchmarks on real CIFAR-10; each command rewrites its own section of BENCHMARKS.md.
 
     tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
-    python3 bench.py --data-root /tmp/cifar10-jpeg
+    python3 bench.py pipeline --data-root /tmp/cifar10-jpeg     # fast pipeline vs the tutorial's
+    python3 bench.py load --data-root /tmp/cifar10-jpeg         # 50 clients on one server
+    python3 bench.py scale --data-root /tmp/cifar10-jpeg        # Simulation Engine, 10 to 1,000 clients
+    python3 bench.py niid --data-root /tmp/cifar10-jpeg         # NIID-Bench's FedAvg rows
 
-Measures, in one run, medians of --repeats runs each (the two pipelines alternate, so drift
-in the machine's speed hits both alike):
-  1. centralized training (cifar.py, 2 epochs): seconds per epoch, process wall time, accuracy;
-  2. federated, server + 2 clients, 3 rounds, end to end: the tutorial's setup (per-sample
-     DataLoader, default torch threads in both clients) against the project's (fast pipeline,
-     cores split between the clients);
-  3. Flower's overhead per round: round wall time minus the slowest client's fit and evaluate;
-  4. the same centralized figures on CUDA when a GPU is present.
+Timings are medians of several runs; where two setups are compared they alternate, so a
+drift in the machine's speed hits both alike.
 """
 
+import argparse
 import csv
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -31,14 +31,93 @@ import torch
 import torchvision
 
 import cifar
+import client
 import flags
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+FLWR_BIN = Path(sys.executable).parent
 
 
 def script(name: str, *args) -> list[str]:
     return [sys.executable, str(HERE / name), *map(str, args)]
+
+
+def free_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def fmt_runs(runs: list[dict], key: str, spec: str = ".2f") -> str:
+    """'median [run1, run2, ...]' of one measured key."""
+    values = [r[key] for r in runs]
+    return f"{statistics.median(values):{spec}} [{', '.join(f'{v:{spec}}' for v in values)}]"
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, flwr {flwr.__version__}"
+    )
+
+
+def write_section(out: Path, name: str, body: str) -> None:
+    """Replace (or append) this command's section of the report, keeping the others."""
+    begin, end = f"<!-- bench {name} -->", f"<!-- /bench {name} -->"
+    text = out.read_text() if out.exists() else "# Benchmarks\n\nEvery figure below comes from `bench.py`.\n"
+    block = f"{begin}\n{body.strip()}\n\n_Measured {date.today()} on {machine()}._\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    out.write_text(text)
+    print(block)
+
+
+class MemorySampler:
+    """Peak memory in use on the machine above its level at start (from /proc/meminfo)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._used()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _used(self) -> int:
+        info = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+        return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            self.peak = max(self.peak, self._used())
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def peak_gib(self) -> float:
+        return (self.peak - self.base) / 2**30
+
+
+# ---------------------------------------------------------------- pipeline
 
 
 def centralized(data_root: str, cache: str, pipeline: str, device: str, epochs: int) -> dict:
@@ -49,179 +128,340 @@ def centralized(data_root: str, cache: str, pipeline: str, device: str, epochs: 
                "--device", device, "--epochs", epochs),
         env=ENV, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    wall = time.perf_counter() - start
-    per_epoch = float(re.search(r"\(([\d.]+) s/epoch\)", out).group(1))
-    accuracy = float(re.search(r"Accuracy: ([\d.]+)", out).group(1))
-    return {"epoch_s": per_epoch, "wall_s": wall, "accuracy": accuracy}
+    return {
+        "epoch_s": float(re.search(r"\(([\d.]+) s/epoch\)", out).group(1)),
+        "wall_s": time.perf_counter() - start,
+        "accuracy": float(re.search(r"Accuracy: ([\d.]+)", out).group(1)),
+    }
 
 
 def federated(data_root: str, cache: str, setup: str, workdir: Path) -> dict:
     """Server + 2 clients, 3 rounds, the tutorial's experiment; wall time from start to all exited."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    address, run_dir = free_address(), Path(tempfile.mkdtemp(dir=workdir)) / "run"
     data = ("--data-root", data_root, "--cache-dir", cache)
     client_flags = ("--pipeline", "tutorial") if setup == "tutorial" else ("--threads", max(1, os.cpu_count() // 2))
+    quiet = {"env": ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            script("server.py", "--server-address", address, "--run-dir", run_dir / "run", "--no-central-eval", *data),
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-    ]  # fmt: skip
+    procs = [subprocess.Popen(script("server.py", "--server-address", address, "--run-dir", run_dir,
+                                     "--no-central-eval", *data), **quiet)]  # fmt: skip
     for _ in range(2):
-        procs.append(
-            subprocess.Popen(
-                script("client.py", "--server-address", address, "--connect-timeout", 120, *data, *client_flags),
-                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-    codes = [p.wait(timeout=1800) for p in procs]
+        procs.append(subprocess.Popen(script("client.py", "--server-address", address, *data, *client_flags), **quiet))
+    codes = [p.wait(timeout=3600) for p in procs]
     wall = time.perf_counter() - start
     if codes != [0, 0, 0]:
         raise RuntimeError(f"federated {setup} run failed with exit codes {codes}")
-    with (run_dir / "run" / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    overhead = [float(r["flower_overhead_seconds"]) / float(r["seconds"]) for r in rows]
+    rows = read_rows(run_dir)
     return {
         "wall_s": wall,
         "accuracy": float(rows[-1]["distributed_accuracy"]),
         "round_s": statistics.median(float(r["seconds"]) for r in rows),
-        "overhead": statistics.median(overhead),
+        "overhead": 100 * statistics.median(float(r["flower_overhead_seconds"]) / float(r["seconds"]) for r in rows),
         "overhead_s": statistics.median(float(r["flower_overhead_seconds"]) for r in rows),
     }
 
 
-def median(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
-
-def samples(runs: list[dict], key: str, fmt: str = "{:.2f}") -> str:
-    return ", ".join(fmt.format(r[key]) for r in runs)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, flwr {flwr.__version__}"
-    )
-
-
-def main() -> None:
-    parser = flags.Parser(description="Benchmark the fast pipeline against the tutorial's and write BENCHMARKS.md.")
-    parser.add_argument("--data-root", required=True, help="real CIFAR-10 (torchvision directory or image folder)")
-    parser.add_argument("--repeats", type=flags.positive_int, default=3, help="runs of each measurement (medians)")
-    parser.add_argument("--epochs", type=flags.positive_int, default=2, help="centralized epochs per run")
-    parser.add_argument("--skip-federated", action="store_true", help="only the centralized measurements")
-    parser.add_argument("--out", type=Path, default=HERE / "BENCHMARKS.md", help="where the report goes")
-    args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = str(Path(tmp) / "cache")
-        print(f"Decoding {args.data_root} once into the cache (not timed)", flush=True)
-        try:
-            cifar.load_data(args.data_root, cache)
-        except cifar.DataError as e:
-            flags.die(str(e), parser.prog)
-
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        cent: dict[tuple[str, str], list[dict]] = {}
-        for device in devices:
-            for i in range(args.repeats):
-                for pipeline in ("tutorial", "fast"):
-                    r = centralized(args.data_root, cache, pipeline, device, args.epochs)
-                    cent.setdefault((device, pipeline), []).append(r)
-                    print(f"centralized {device} {pipeline} #{i + 1}: {r}", flush=True)
-
-        fed: dict[str, list[dict]] = {}
-        if not args.skip_federated:
+def bench_pipeline(args, cache: str) -> str:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cent: dict[tuple[str, str], list[dict]] = {}
+    for device in devices:
+        for i in range(args.repeats):
+            for pipeline in ("tutorial", "fast"):
+                r = centralized(args.data_root, cache, pipeline, device, args.epochs)
+                cent.setdefault((device, pipeline), []).append(r)
+                print(f"centralized {device} {pipeline} #{i + 1}: {r}", flush=True)
+    fed: dict[str, list[dict]] = {}
+    if not args.skip_federated:
+        with tempfile.TemporaryDirectory() as tmp:
             for i in range(args.repeats):
                 for setup in ("tutorial", "project"):
                     r = federated(args.data_root, cache, setup, Path(tmp))
                     fed.setdefault(setup, []).append(r)
                     print(f"federated {setup} #{i + 1}: {r}", flush=True)
 
-    command = f"python3 bench.py --data-root {args.data_root} --repeats {args.repeats}"
     lines = [
-        "# Benchmarks",
+        "## Pipeline: the project's against the tutorial's",
         "",
-        f"Measured {date.today()} on {machine()}.",
-        f"Data: `{args.data_root}`. Medians of {args.repeats} runs; every run's figure in brackets.",
+        (
+            f"`python3 bench.py pipeline --data-root {args.data_root} --repeats {args.repeats}`: medians of "
+            f"{args.repeats} runs, each run's figure in brackets."
+        ),
         "",
-        f"Reproduce every figure below: `{command}`"
-        + (" (add `--skip-federated` for the centralized part alone)." if not args.skip_federated else "."),
+        f"### Centralized (`cifar.py --epochs {args.epochs}`, batch 32, SGD lr 0.001 momentum 0.9, seed 0)",
         "",
-        "## Centralized training (`cifar.py`, batch 32, SGD lr 0.001 momentum 0.9, seed 0)",
-        "",
-        f"| device | pipeline | s/epoch | process wall s ({args.epochs} epochs) | test accuracy |",
+        "| device | pipeline | s/epoch | whole process, s | test accuracy |",
         "|---|---|---|---|---|",
     ]
     for (device, pipeline), runs in cent.items():
         lines.append(
-            f"| {device} | {pipeline} | {median(runs, 'epoch_s'):.2f} [{samples(runs, 'epoch_s')}] "
-            f"| {median(runs, 'wall_s'):.1f} [{samples(runs, 'wall_s', '{:.1f}')}] "
-            f"| {median(runs, 'accuracy'):.4f} [{samples(runs, 'accuracy', '{:.4f}')}] |"
+            f"| {device} | {pipeline} | {fmt_runs(runs, 'epoch_s')} | {fmt_runs(runs, 'wall_s', '.1f')} "
+            f"| {fmt_runs(runs, 'accuracy', '.4f')} |"
         )
     for device in devices:
-        t, f = cent[(device, "tutorial")], cent[(device, "fast")]
-        ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(t, f)]
-        lines.append("")
-        lines.append(
-            f"{device}: the fast pipeline is **{statistics.median(ratios):.2f}x** faster per epoch than the "
-            f"tutorial's (per-run ratios {', '.join(f'{x:.2f}' for x in ratios)}); accuracy differs by "
-            f"{abs(median(t, 'accuracy') - median(f, 'accuracy')) * 100:.2f} points."
-        )
+        ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(cent[(device, "tutorial")], cent[(device, "fast")])]
+        lines += ["", (f"{device}: fast is **{statistics.median(ratios):.2f}x** the tutorial's speed per epoch "
+                      f"(ratios within each pair of runs: {', '.join(f'{x:.2f}' for x in ratios)}).")]  # fmt: skip
     if not torch.cuda.is_available():
-        lines += ["", "No CUDA device on this machine: the GPU rows are missing, not measured."]
+        lines += ["", "No CUDA device on this machine: no GPU rows."]
     if fed:
-        t, p = fed["tutorial"], fed["project"]
-        ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(t, p)]
+        ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(fed["tutorial"], fed["project"])]
         lines += [
             "",
-            "## Federated: server.py + 2 client.py, 3 rounds, each client the full training set (the tutorial)",
+            "### Federated: server.py + 2 client.py on this machine, 3 rounds, every client the full training set",
             "",
             (
-                "Tutorial setup: `client.py --pipeline tutorial` (per-sample DataLoader, torch's default threads in "
-                "both clients). Project: `client.py --threads N/2` (fast pipeline). Server with `--no-central-eval` "
-                "in both, as the tutorial has none. Wall time from starting the three processes until all exited."
+                "Tutorial setup: `client.py --pipeline tutorial` (torch's default threads in both clients). "
+                "Project: `client.py --threads <cores/2>`. The server runs `--no-central-eval` in both, as the "
+                "tutorial's has none. Wall time from starting the three processes until all have exited. Flower's "
+                "overhead is a round's wall time minus its slowest client's fit and evaluate."
             ),
             "",
-            "| setup | end-to-end wall s | median round s | Flower overhead per round | final distributed accuracy |",
+            "| setup | end to end, s | median round, s | Flower overhead per round | final accuracy |",
             "|---|---|---|---|---|",
         ]
-        for name, runs in (("tutorial", t), ("project", p)):
+        for name, runs in fed.items():
             lines.append(
-                f"| {name} | {median(runs, 'wall_s'):.1f} [{samples(runs, 'wall_s', '{:.1f}')}] "
-                f"| {median(runs, 'round_s'):.2f} | {median(runs, 'overhead') * 100:.2f}% "
-                f"({median(runs, 'overhead_s'):.3f} s) [{samples(runs, 'overhead', '{:.4f}')}] "
-                f"| {median(runs, 'accuracy'):.4f} |"
+                f"| {name} | {fmt_runs(runs, 'wall_s', '.1f')} | {fmt_runs(runs, 'round_s')} "
+                f"| {fmt_runs(runs, 'overhead', '.2f')} % | {fmt_runs(runs, 'accuracy', '.4f')} |"
             )
-        lines += [
-            "",
-            (
-                f"The project's federated run is **{statistics.median(ratios):.2f}x** faster end to end "
-                f"(per-run ratios {', '.join(f'{x:.2f}' for x in ratios)}). Flower's overhead is the round's wall "
-                "time minus the slowest client's fit and evaluate (as each client timed them), as a share of it."
-            ),
-        ]
-    text = "\n".join(lines) + "\n"
-    if args.out.exists():  # keep sections other tools added (scaling, load) below ours
-        old = args.out.read_text()
-        marker = "\n<!-- more -->\n"
-        if marker in old:
-            text += marker + old.split(marker, 1)[1]
-    args.out.write_text(text)
-    print(text)
+        lines += ["", (f"End to end the project is **{statistics.median(ratios):.2f}x** as fast "
+                      f"(ratios within each pair of runs: {', '.join(f'{x:.2f}' for x in ratios)}).")]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- load: many clients, one server
+
+
+def swarm_client(address: str, args: argparse.Namespace, data: cifar.Data, errors: list) -> None:
+    try:
+        c = client.build_client(args, data)
+        flwr.client.start_client(server_address=address, client=c.to_client())
+    except Exception as e:  # noqa: BLE001  (reported by the caller, whatever it was)
+        errors.append(repr(e))
+
+
+def bench_load(args, cache: str) -> str:
+    """N lightweight clients (threads of one process, a tiny share each) on one server.py."""
+    data = cifar.load_data(args.data_root, cache)
+    torch.set_num_threads(1)
+    address = free_address()
+    with tempfile.TemporaryDirectory() as tmp, MemorySampler() as mem:
+        run_dir = Path(tmp) / "run"
+        server = subprocess.Popen(
+            script("server.py", "--server-address", address, "--min-clients", args.clients, "--rounds", args.rounds,
+                   "--run-dir", run_dir, "--data-root", args.data_root, "--cache-dir", cache),
+            env=ENV, stdout=(Path(tmp) / "server.log").open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        if not client.wait_for_server(address, None, 120, quiet=True):
+            raise RuntimeError("server did not start")
+        errors: list[str] = []
+        threads = []
+        for i in range(args.clients):
+            ns = argparse.Namespace(
+                device="cpu", threads=None, pipeline="fast", seed=0, epochs=1, batch_size=32, lr=0.001,
+                momentum=0.9, weight_decay=0.0, augment=False, normalize=True, holdout=0.1,
+                partition_id=i, num_partitions=args.shares, partitioner="iid", alpha=0.5,
+                data_root=args.data_root, cache_dir=cache,
+            )  # fmt: skip
+            t = threading.Thread(target=swarm_client, args=(address, ns, data, errors), daemon=True)
+            t.start()
+            threads.append(t)
+        code = server.wait(timeout=1800)
+        for t in threads:
+            t.join(timeout=60)
+        rows = read_rows(run_dir)
+    ok = (
+        code == 0
+        and not errors
+        and len(rows) == args.rounds
+        and all(int(r["fit_clients"]) == args.clients for r in rows)
+    )
+    lines = [
+        f"## Load: {args.clients} clients on one server",
+        "",
+        (
+            f"`python3 bench.py load --data-root {args.data_root} --clients {args.clients}`: one server.py process; "
+            f"{args.clients} clients as threads of one process, each with 1/{args.shares} of the training set "
+            f"(~{50000 // args.shares} images), all on loopback; {args.rounds} rounds."
+        ),
+        "",
+        "| round | clients aggregated | rejected or failed | round, s | centralized accuracy |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['round']} | {r['fit_clients']} | {r['rejected']} | {float(r['seconds']):.2f} "
+            f"| {float(r['centralized_accuracy']):.4f} |"
+            for r in rows
+        ),
+        "",
+        (
+            f"Every round aggregated all {args.clients} clients: **{'yes' if ok else 'NO'}** "
+            f"(server exit code {code}, client errors: {errors or 'none'}). "
+            f"Peak memory in use, all processes: {mem.peak_gib:.2f} GiB above idle."
+        ),
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- scale: the Simulation Engine
+
+
+def flwr_env(home: Path) -> dict:
+    ports = [free_address().rsplit(":", 1)[1] for _ in range(2)]
+    return {
+        **ENV,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # run in this environment, no `uv sync`
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": ports[0],
+        "FLWR_LOCAL_CONTROL_API_PORT": ports[1],
+        "PATH": f"{FLWR_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def stop_local_superlink(home: Path) -> None:
+    """`flwr run` leaves a detached local SuperLink running: stop the one of this FLWR_HOME."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in text and str(home) in text:
+            os.kill(int(cmdline.parent.name), signal.SIGTERM)
+
+
+def simulate(args, cache: str, n: int, tmp: Path) -> dict:
+    home, run_dir = tmp / f"home-{n}", tmp / f"run-{n}"
+    config = (
+        f"num-server-rounds={args.rounds} fraction-fit={args.fraction} min-clients=2 threads=1 "
+        f"data-root='{args.data_root}' cache-dir='{cache}' run-dir='{run_dir}'"
+    )
+    cmd = [str(FLWR_BIN / "flwr"), "run", str(HERE), "--run-config", config, "--stream",
+           "--federation-config", f"num-supernodes={n} client-resources-num-cpus=1"]  # fmt: skip
+    start = time.perf_counter()
+    try:
+        with MemorySampler() as mem:
+            subprocess.run(cmd, env=flwr_env(home), cwd=HERE, check=True, timeout=3600,
+                           stdout=(tmp / f"flwr-{n}.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    finally:
+        stop_local_superlink(home)
+    rows = read_rows(run_dir)
+    return {
+        "n": n,
+        "wall_s": time.perf_counter() - start,
+        "round_s": [float(r["seconds"]) for r in rows],
+        "sampled": int(rows[-1]["fit_clients"]),
+        "accuracy": float(rows[-1]["centralized_accuracy"]),
+        "peak_gib": mem.peak_gib,
+    }
+
+
+def bench_scale(args, cache: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for n in args.clients:
+            r = simulate(args, cache, n, Path(tmp))
+            print(f"simulation {n} clients: {r}", flush=True)
+            results.append(r)
+    clients = " ".join(map(str, args.clients))
+    lines = [
+        "## Scale: the Flower App on the Simulation Engine",
+        "",
+        (
+            f"`python3 bench.py scale --data-root {args.data_root} --clients {clients}`: `flwr run .` with "
+            f"`num-supernodes=N client-resources-num-cpus=1`, IID shares, `fraction-fit={args.fraction}`, "
+            f"{args.rounds} rounds, centralized evaluation every round. Round time is the server's, from sampling "
+            "to the end of evaluation (the first round includes starting the workers); peak memory is all memory "
+            "in use on the machine above its idle level, sampled every 0.2 s."
+        ),
+        "",
+        (
+            "| clients | sampled per round | round 1, s | later rounds, s (median) | whole run, s | peak memory, GiB "
+            "| final centralized accuracy |"
+        ),
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['n']} | {r['sampled']} | {r['round_s'][0]:.1f} | {statistics.median(r['round_s'][1:]):.1f} "
+            f"| {r['wall_s']:.0f} | {r['peak_gib']:.2f} | {r['accuracy']:.4f} |"
+            for r in results
+        ),
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- NIID-Bench
+
+
+def bench_niid(args, cache: str) -> str:
+    """FedAvg on CIFAR-10 as NIID-Bench runs it, via run.py; one row per partitioner."""
+    rows = []
+    for partitioner in args.partitioners:
+        run_dir = Path(args.runs) / f"niid-{partitioner}"
+        cmd = script(
+            "run.py", "--clients", 10, "--partitioner", partitioner, "--alpha", 0.5, "--rounds", args.rounds,
+            "--epochs", 10, "--batch-size", 64, "--lr", 0.01, "--momentum", 0.9, "--weight-decay", 1e-5,
+            "--augment", "--no-normalize", "--holdout", 0, "--fraction-fit", 1.0, "--port", 0,
+            "--data-root", args.data_root, "--cache-dir", cache, "--run-dir", run_dir,
+        )  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(cmd, env=ENV, check=True)
+        wall = time.perf_counter() - start
+        table = read_rows(run_dir)
+        best = max(float(r["centralized_accuracy"]) for r in table)
+        rows.append((partitioner, len(table), float(table[-1]["centralized_accuracy"]), best, wall))
+        print(f"niid {partitioner}: {rows[-1]}", flush=True)
+    paper = {"iid": "71.7", "dirichlet": "63.4"}
+    lines = [
+        "## NIID-Bench: FedAvg on CIFAR-10 (Li et al., arXiv 2102.02079)",
+        "",
+        (
+            f"`python3 bench.py niid --data-root {args.data_root} --rounds {args.rounds}`, which runs, per row, "
+            "`python3 run.py --clients 10 --partitioner {iid|dirichlet} --alpha 0.5 --rounds 50 --epochs 10 "
+            "--batch-size 64 --lr 0.01 --momentum 0.9 --weight-decay 1e-5 --augment --no-normalize --holdout 0`: "
+            "10 clients all sampled each round, the same Net. Accuracy is the global model's on the full "
+            "10,000-image test set (the JPEG copy of CIFAR-10 may cost about a point)."
+        ),
+        "",
+        "| partition | rounds | final test accuracy | best round's | Flower baseline (niid_bench) | wall time |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {p}{' (alpha 0.5)' if p == 'dirichlet' else ''} | {n} | {acc * 100:.1f}% | {best * 100:.1f}% "
+            f"| {paper[p]}% | {wall / 60:.0f} min |"
+            for p, n, acc, best, wall in rows
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = flags.Parser(description="Benchmarks on real CIFAR-10; each writes its section of BENCHMARKS.md.")
+    parser.add_argument("--out", type=Path, default=HERE / "BENCHMARKS.md", help="the report")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pipeline", help="fast pipeline against the tutorial's, centralized and federated")
+    p.add_argument("--repeats", type=flags.positive_int, default=3, help="runs of each measurement (medians)")
+    p.add_argument("--epochs", type=flags.positive_int, default=2, help="centralized epochs per run")
+    p.add_argument("--skip-federated", action="store_true", help="only the centralized measurements")
+    p = sub.add_parser("load", help="many lightweight clients on one server")
+    p.add_argument("--clients", type=flags.positive_int, default=50, help="clients connected at once")
+    p.add_argument("--shares", type=flags.positive_int, default=1000, help="the training set in this many shares")
+    p.add_argument("--rounds", type=flags.positive_int, default=3, help="rounds")
+    p = sub.add_parser("scale", help="the Flower App on the Simulation Engine at growing client counts")
+    p.add_argument("--clients", type=flags.positive_int, nargs="+", default=[10, 100, 1000], help="federation sizes")
+    p.add_argument("--fraction", type=flags.fraction, default=0.1, help="fraction of clients sampled per round")
+    p.add_argument("--rounds", type=flags.positive_int, default=3, help="rounds per run")
+    p = sub.add_parser("niid", help="NIID-Bench's FedAvg rows (IID and Dirichlet 0.5)")
+    p.add_argument("--rounds", type=flags.positive_int, default=50, help="rounds (the paper: 50)")
+    p.add_argument("--partitioners", nargs="+", choices=cifar.PARTITIONERS, default=list(cifar.PARTITIONERS))
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="where the run directories go")
+    for p in sub.choices.values():
+        p.add_argument("--data-root", required=True, help="real CIFAR-10 (torchvision directory or image folder)")
+        p.add_argument("--cache-dir", default=cifar.CACHE_DIR, help="decoded-image cache")
+    args = parser.parse_args()
+
+    print(f"Loading {args.data_root} (decoded once into the cache, not timed)", flush=True)
+    try:
+        cifar.load_data(args.data_root, args.cache_dir)
+    except cifar.DataError as e:
+        flags.die(str(e), parser.prog)
+    run = {"pipeline": bench_pipeline, "load": bench_load, "scale": bench_scale, "niid": bench_niid}
+    write_section(args.out, args.command, run[args.command](args, args.cache_dir))
 
 
 if __name__ == "__main__":

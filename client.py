@@ -58,8 +58,8 @@ def build_client(args: argparse.Namespace, data: cifar.Data | None = None) -> Ci
 
     Without partition flags every client trains on the full training set and evaluates
     on the test set (the tutorial). With --num-partitions, a client trains on 90% of its
-    own partition and evaluates on the held-out 10%, as a real client with only its own
-    data would; the server judges the global model on the full test set.
+    own partition and evaluates on the held-out 10% (--holdout), as a real client with only
+    its own data would; the server judges the global model on the full test set.
     """
     device = cifar.resolve_device(args.device)
     if args.threads:
@@ -71,8 +71,11 @@ def build_client(args: argparse.Namespace, data: cifar.Data | None = None) -> Ci
         share = cifar.partition_indices(
             data.train_y, args.num_partitions, args.partition_id, args.partitioner, args.alpha, args.seed
         )
-        train_idx, test_idx = cifar.split_holdout(share, HOLDOUT_FRACTION, args.seed + args.partition_id)
-        test_from_train = True
+        if args.holdout > 0:
+            train_idx, test_idx = cifar.split_holdout(share, args.holdout, args.seed + args.partition_id)
+            test_from_train = True
+        else:
+            train_idx = share
     # Each client shuffles differently, but reproducibly from the one --seed
     shuffle_seed = args.seed + (args.partition_id or 0)
     subset = (train_idx, test_idx, test_from_train)
@@ -112,6 +115,27 @@ def wait_for_server(address: str, root_certificates: bytes | None, timeout: floa
         delay = min(delay * 2, 8.0)
 
 
+def add_share_args(parser: flags.Parser, choices: tuple[str, ...] = cifar.PARTITIONERS) -> None:
+    """How the training set is shared out between clients, and what a client evaluates on."""
+    parser.add_argument(
+        "--partitioner",
+        choices=choices,
+        default="iid",
+        help="iid: equal random shares; dirichlet: label skew drawn from Dir(alpha)"
+        + ("; none: every client gets all of it (the tutorial)" if "none" in choices else ""),
+    )
+    parser.add_argument(
+        "--alpha", type=flags.positive_float, default=0.5, help="Dirichlet concentration: smaller is more skewed"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=flags.proportion,
+        default=HOLDOUT_FRACTION,
+        help="share of a client's partition kept back for its evaluation; 0: train on all of it and evaluate "
+        "on the test set",
+    )
+
+
 def add_partition_args(parser: flags.Parser) -> None:
     """Flags that give a client its own share of the training data."""
     parser.add_argument(
@@ -123,15 +147,7 @@ def add_partition_args(parser: flags.Parser) -> None:
         default=None,
         help="split the training set into this many shares (default: every client gets all of it, as in the tutorial)",
     )
-    parser.add_argument(
-        "--partitioner",
-        choices=cifar.PARTITIONERS,
-        default="iid",
-        help="iid: equal random shares; dirichlet: label skew drawn from Dir(alpha)",
-    )
-    parser.add_argument(
-        "--alpha", type=flags.positive_float, default=0.5, help="Dirichlet concentration: smaller is more skewed"
-    )
+    add_share_args(parser)
 
 
 def check_partition_args(parser: flags.Parser, args: argparse.Namespace) -> None:
@@ -226,6 +242,7 @@ def run_config_args(run_config: dict, node_config: dict) -> argparse.Namespace:
         num_partitions=int(num_partitions) if num_partitions else None,
         partitioner=str(run_config["partitioner"]),
         alpha=float(run_config["alpha"]),
+        holdout=float(run_config["holdout"]),
     )
 
 

@@ -46,6 +46,7 @@ non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a number > 0")
 non_negative_float = _number(float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+proportion = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def host_port(text: str) -> str:

@@ -36,7 +36,7 @@ def client_command(args, address: str, i: int) -> list[str]:
     ]
     if args.partitioner != "none":
         cmd += ["--partition-id", i, "--num-partitions", args.clients, "--partitioner", args.partitioner]
-        cmd += ["--alpha", args.alpha]
+        cmd += ["--alpha", args.alpha, "--holdout", args.holdout]
     if args.certificates:
         cmd += ["--root-certificates", args.certificates[0]]
     return [sys.executable, str(HERE / "client.py"), *map(str, cmd)]
@@ -116,15 +116,7 @@ def main() -> None:
     parser.add_argument(
         "--port", type=flags.non_negative_int, default=8080, help="server port on 127.0.0.1 (0: any free port)"
     )
-    parser.add_argument(
-        "--partitioner",
-        choices=("none", *cifar.PARTITIONERS),
-        default="iid",
-        help="how the training set is split between the clients; none: every client gets all of it (the tutorial)",
-    )
-    parser.add_argument(
-        "--alpha", type=flags.positive_float, default=0.5, help="Dirichlet concentration: smaller is more skewed"
-    )
+    client.add_share_args(parser, choices=("none", *cifar.PARTITIONERS))
     server.add_server_args(parser)
     cifar.add_data_args(parser)
     cifar.add_train_args(parser, epochs=1)

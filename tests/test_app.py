@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ENV, ROOT, finish, free_port
 from test_federation import processes_with, rows
+from test_safety import make_certs
 
 FLWR_BIN = Path(sys.executable).parent
 pytest.importorskip("ray", reason="the Simulation Engine needs flwr[simulation]")
@@ -68,30 +69,39 @@ def test_simulation_engine_runs_the_app_with_partitioned_supernodes(tiny, tmp_pa
     assert float(table[-1]["centralized_accuracy"]) > 0.2
 
 
-def supernode(env: dict, superlink: str, i: int, log: Path) -> subprocess.Popen:
+def supernode(env: dict, superlink: str, i: int, log: Path, security: list[str]) -> subprocess.Popen:
     """A SuperNode holding partition i of 2."""
     return subprocess.Popen(
-        [str(FLWR_BIN / "flower-supernode"), "--insecure", "--superlink", superlink,
+        [str(FLWR_BIN / "flower-supernode"), *security, "--superlink", superlink,
          "--node-config", f"partition-id={i} num-partitions=2", "--host", "127.0.0.1", "--port", str(free_port())],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
-def test_deployment_engine_superlink_and_two_supernodes_run_the_app(tiny, tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+def test_deployment_engine_superlink_and_two_supernodes_run_the_app(tiny, tmp_path, tls):
     home = tmp_path / "flwr-home"
     env = app_env(home)
     # One HTTP port serves the Fleet, Control and Runtime APIs (flwr 1.42)
     port = free_port()
     link = f"127.0.0.1:{port}"
     home.mkdir()
+    if tls:
+        ca, cert, key = make_certs(tmp_path / "certs")
+        link_security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        node_security = ["--root-certificates", str(ca)]
+        connection = f'root-certificates = "{ca}"'
+    else:
+        link_security = node_security = ["--insecure"]
+        connection = "insecure = true"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{link}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{link}"\n{connection}\n'
     )
     superlink = subprocess.Popen(
-        [str(FLWR_BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port)],
+        [str(FLWR_BIN / "flower-superlink"), *link_security, "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=(tmp_path / "superlink.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    nodes = [supernode(env, link, i, tmp_path / f"supernode{i}.log") for i in range(2)]
+    nodes = [supernode(env, link, i, tmp_path / f"supernode{i}.log", node_security) for i in range(2)]
     try:
         time.sleep(2)
         code = flwr_run(env, "deploy", "--run-config", run_config(tiny, tmp_path), log=tmp_path / "flwr.log")

@@ -158,3 +158,13 @@ def test_bad_input_is_one_line_and_exit_code_2(script, args, complaint):
     r = run(script, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and complaint in r.stderr, r.stderr
+
+
+def test_fifty_clients_on_one_server_are_all_aggregated_every_round(tiny, tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    r = run("bench.py", "--out", report, "load", "--data-root", tiny, "--cache-dir", tmp_path / "cache",
+            "--clients", 50, "--shares", 50, "--rounds", 2, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    text = report.read_text()
+    assert "Every round aggregated all 50 clients: **yes**" in text
+    assert text.count("| 50 | 0 |") == 2  # two rounds, 50 aggregated, none rejected
