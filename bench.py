@@ -4,6 +4,7 @@
     python3 bench.py pipeline --data-root /tmp/cifar10-jpeg     # fast pipeline vs the tutorial's
     python3 bench.py load --data-root /tmp/cifar10-jpeg         # 50 clients on one server
     python3 bench.py scale --data-root /tmp/cifar10-jpeg        # Simulation Engine, 10 to 1,000 clients
+    python3 bench.py profile --data-root /tmp/cifar10-jpeg      # what bounds a training step
     python3 bench.py niid --data-root /tmp/cifar10-jpeg         # NIID-Bench's FedAvg rows
 
 Timings are medians of several runs; where two setups are compared they alternate, so a
@@ -409,11 +410,13 @@ def bench_niid(args, cache: str) -> str:
         print(f"niid {partitioner}: {rows[-1]}", flush=True)
     paper = {"iid": "71.7", "dirichlet": "63.4"}
     lines = [
-        "## NIID-Bench: FedAvg on CIFAR-10 (Li et al., arXiv 2102.02079)",
+        f"## NIID-Bench: FedAvg on CIFAR-10 (Li et al., arXiv 2102.02079): {', '.join(args.partitioners)}",
         "",
         (
-            f"`python3 bench.py niid --data-root {args.data_root} --rounds {args.rounds}`, which runs, per row, "
-            "`python3 run.py --clients 10 --partitioner {iid|dirichlet} --alpha 0.5 --rounds 50 --epochs 10 "
+            f"`python3 bench.py niid --data-root {args.data_root} --rounds {args.rounds} "
+            f"--partitioners {' '.join(args.partitioners)}`, which runs, per row, "
+            f"`python3 run.py --clients 10 --partitioner {'|'.join(args.partitioners)} --alpha 0.5 --rounds {args.rounds} "
+            "--epochs 10 "
             "--batch-size 64 --lr 0.01 --momentum 0.9 --weight-decay 1e-5 --augment --no-normalize --holdout 0`: "
             "10 clients all sampled each round, the same Net. Accuracy is the global model's on the full "
             "10,000-image test set (the JPEG copy of CIFAR-10 may cost about a point)."
@@ -426,6 +429,80 @@ def bench_niid(args, cache: str) -> str:
             f"| {paper[p]}% | {wall / 60:.0f} min |"
             for p, n, acc, best, wall in rows
         ),
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- profile: what bounds a training step
+
+
+def step_time(net, batches, steps: int, warmup: int = 20) -> float:
+    """Milliseconds per SGD step (batch 32), after a warm-up."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9, foreach=True)
+    it = iter(batches)
+
+    def step():
+        x, y = next(it)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def bench_profile(args, cache: str) -> str:
+    """Where a fast-pipeline training step spends its time, and what the alternatives cost."""
+    from torch.profiler import profile
+
+    data = cifar.load_data(args.data_root, cache)
+    cpu = torch.device("cpu")
+    batches, _ = cifar.make_loaders(data, 32, cpu, seed=0)
+    rows = []
+    for threads in (1, os.cpu_count()):
+        torch.set_num_threads(threads)
+        net = cifar.make_net(0, cpu)
+        rows.append((f"eager, channels-last, {threads} thread(s)", step_time(net, batches, args.steps)))
+    net = cifar.make_net(0, cpu).to(memory_format=torch.contiguous_format)
+    nchw, _ = cifar.make_loaders(data, 32, cpu, seed=0)
+    nchw.x = nchw.x.contiguous()
+    rows.append((f"eager, NCHW, {os.cpu_count()} threads", step_time(net, nchw, args.steps)))
+    compiled = torch.compile(cifar.make_net(0, cpu))
+    first = step_time(compiled, batches, 1, warmup=0)  # includes compiling
+    rows.append((f"torch.compile (its first step: {first / 1000:.1f} s)", step_time(compiled, batches, args.steps)))
+    net = cifar.make_net(0, cpu)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9, foreach=True)
+    it = iter(batches)
+    with profile() as prof:
+        for _ in range(args.steps):
+            x, y = next(it)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [(e.key, 100 * e.self_cpu_time_total / total, e.self_cpu_time_total / args.steps) for e in events[:8]]
+    lines = [
+        "## Profile: what bounds a training step on this CPU",
+        "",
+        (
+            f"`python3 bench.py profile --data-root {args.data_root}`: {args.steps} SGD steps at batch 32 on real "
+            "CIFAR-10 batches from the fast pipeline."
+        ),
+        "",
+        "| variant | ms per step |",
+        "|---|---|",
+        *(f"| {name} | {ms:.2f} |" for name, ms in rows),
+        "",
+        f"Self time per operator (eager, channels-last, {os.cpu_count()} threads; the profiler adds its own cost):",
+        "",
+        "| operator | share | µs per step |",
+        "|---|---|---|",
+        *(f"| `{name}` | {share:.1f}% | {us:.0f} |" for name, share, us in top),
     ]
     return "\n".join(lines)
 
@@ -446,6 +523,8 @@ def main() -> None:
     p.add_argument("--clients", type=flags.positive_int, nargs="+", default=[10, 100, 1000], help="federation sizes")
     p.add_argument("--fraction", type=flags.fraction, default=0.1, help="fraction of clients sampled per round")
     p.add_argument("--rounds", type=flags.positive_int, default=3, help="rounds per run")
+    p = sub.add_parser("profile", help="where a training step's time goes, eager and compiled")
+    p.add_argument("--steps", type=flags.positive_int, default=300, help="steps per measurement")
     p = sub.add_parser("niid", help="NIID-Bench's FedAvg rows (IID and Dirichlet 0.5)")
     p.add_argument("--rounds", type=flags.positive_int, default=50, help="rounds (the paper: 50)")
     p.add_argument("--partitioners", nargs="+", choices=cifar.PARTITIONERS, default=list(cifar.PARTITIONERS))
@@ -460,8 +539,16 @@ def main() -> None:
         cifar.load_data(args.data_root, args.cache_dir)
     except cifar.DataError as e:
         flags.die(str(e), parser.prog)
-    run = {"pipeline": bench_pipeline, "load": bench_load, "scale": bench_scale, "niid": bench_niid}
-    write_section(args.out, args.command, run[args.command](args, args.cache_dir))
+    run = {
+        "pipeline": bench_pipeline,
+        "load": bench_load,
+        "scale": bench_scale,
+        "profile": bench_profile,
+        "niid": bench_niid,
+    }
+    # NIID rows take long: each partitioner's row is its own section, written when it is done
+    name = "-".join([args.command, *args.partitioners]) if args.command == "niid" else args.command
+    write_section(args.out, name, run[args.command](args, args.cache_dir))
 
 
 if __name__ == "__main__":

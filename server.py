@@ -218,10 +218,6 @@ class CifarFedAvg(FedAvg):
         self.work = {}
         return instructions
 
-    def _name(self, proxy, metrics: dict | None = None) -> str:
-        pid = (metrics or {}).get("partition_id")
-        return f"client {proxy.cid}" + (f" (partition {pid})" if pid is not None else "")
-
     def aggregate_fit(self, server_round, results, failures):
         accepted, rejected = [], []
         for proxy, res in results:
@@ -230,7 +226,7 @@ class CifarFedAvg(FedAvg):
             except (ValueError, OSError, EOFError) as e:  # bytes that are no arrays at all
                 problem = f"sent unreadable parameters ({e})"
             if problem:
-                log(WARNING, "Rejected update from %s: %s", self._name(proxy, res.metrics), problem)
+                log(WARNING, "Rejected update from client %s: %s", proxy.cid, problem)
                 rejected.append((proxy, res))
             else:
                 accepted.append((proxy, res))
@@ -261,7 +257,7 @@ class CifarFedAvg(FedAvg):
         for proxy, res in results:
             problem = evaluation_problem(res.loss, res.num_examples, res.metrics)
             if problem:
-                log(WARNING, "Rejected evaluation from %s: %s", self._name(proxy, res.metrics), problem)
+                log(WARNING, "Rejected evaluation from client %s: %s", proxy.cid, problem)
             else:
                 accepted.append((proxy, res))
         loss, metrics = super().aggregate_evaluate(server_round, accepted, failures)
@@ -358,15 +354,7 @@ def print_round(row: dict) -> None:
 
 def summary_table(rows: list[dict]) -> str:
     """The run's rounds as a fixed-width table."""
-    cols = [
-        "round",
-        "train_loss",
-        "distributed_loss",
-        "distributed_accuracy",
-        "centralized_loss",
-        "centralized_accuracy",
-        "seconds",
-    ]
+    cols = [f for f in FIELDS if f not in ("fit_clients", "rejected", "flower_overhead_seconds")]
     lines = ["  ".join(f"{c:>20}" if i else f"{c:>5}" for i, c in enumerate(cols))]
     for r in rows:
         lines.append("  ".join((f"{r[c] or '-':>20}" if i else f"{r[c]:>5}") for i, c in enumerate(cols)))
