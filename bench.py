@@ -242,7 +242,7 @@ def swarm_client(address: str, args: argparse.Namespace, data: cifar.Data, error
 
 def bench_load(args, cache: str) -> str:
     """N lightweight clients (threads of one process, a tiny share each) on one server.py."""
-    data = cifar.load_data(args.data_root, cache)
+    data = cifar.load_arrays(args.data_root, cache)
     torch.set_num_threads(1)
     address = free_address()
     with tempfile.TemporaryDirectory() as tmp, MemorySampler() as mem:
@@ -459,7 +459,7 @@ def bench_profile(args, cache: str) -> str:
     """Where a fast-pipeline training step spends its time, and what the alternatives cost."""
     from torch.profiler import profile
 
-    data = cifar.load_data(args.data_root, cache)
+    data = cifar.load_arrays(args.data_root, cache)
     cpu = torch.device("cpu")
     batches, _ = cifar.make_loaders(data, 32, cpu, seed=0)
     rows = []
@@ -536,7 +536,7 @@ def main() -> None:
 
     print(f"Loading {args.data_root} (decoded once into the cache, not timed)", flush=True)
     try:
-        cifar.load_data(args.data_root, args.cache_dir)
+        cifar.load_arrays(args.data_root, args.cache_dir)
     except cifar.DataError as e:
         flags.die(str(e), parser.prog)
     run = {

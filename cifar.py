@@ -4,10 +4,13 @@
 """
 
 import argparse
+import atexit
 import contextlib
 import hashlib
 import os
 import pickle
+import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +30,8 @@ CACHE_DIR = "~/.cache/flower-cifar"
 EVAL_BATCH_SIZE = 1000  # evaluation has no gradients: big batches, same numbers
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 PARTITIONERS = ("iid", "dirichlet")
+TORCHVISION_FOLDER = "cifar-10-batches-py"
+TORCHVISION_FILES = {TORCHVISION_FOLDER, "cifar-10-python.tar.gz"}  # what torchvision's download leaves
 
 
 class Net(nn.Module):
@@ -72,32 +77,91 @@ def is_image_folder(root: Path) -> bool:
     return (root / "train").is_dir() or (root / "test").is_dir()
 
 
-def load_data(data_root: str | Path = DATA_ROOT, cache_dir: str | Path | None = CACHE_DIR) -> Data:
-    """Load CIFAR-10 (torchvision, downloaded when missing) or an image-folder tree."""
+def load_arrays(data_root: str | Path = DATA_ROOT, cache_dir: str | Path | None = CACHE_DIR) -> Data:
+    """Decode CIFAR-10 (torchvision, downloaded when missing) or an image-folder tree into uint8 tensors."""
     root = Path(data_root).expanduser()
     if is_image_folder(root):
         return _load_image_folder(root, cache_dir)
+    if not (root / TORCHVISION_FOLDER).is_dir():
+        nearby = _nearby_image_folder(root)
+        if nearby is not None:
+            raise DataError(f"{root} is not an image folder nor CIFAR-10: did you mean --data-root {nearby}?")
     return _load_torchvision(root)
+
+
+def _nearby_image_folder(root: Path) -> Path | None:
+    """An image-folder tree one level above root (root is its train/ or test/) or below it (its only one)."""
+    with contextlib.suppress(OSError):
+        if root.name in ("train", "test") and (root.parent / "train").is_dir() and (root.parent / "test").is_dir():
+            return root.parent
+        below = [d for d in root.iterdir() if d.is_dir() and (d / "train").is_dir() and (d / "test").is_dir()]
+        if len(below) == 1:
+            return below[0]
+    return None
+
+
+def _check_download_target(root: Path) -> None:
+    """Refuse to download anywhere but the default location, or a new or empty directory with a parent."""
+    if root == Path(DATA_ROOT).expanduser():
+        return
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-root {root} is not a directory")
+    if not root.exists():
+        if not root.parent.is_dir():
+            raise DataError(
+                f"--data-root {root}: {root.parent} does not exist, so CIFAR-10 is not downloaded there; "
+                "check the path, or create the directory first"
+            )
+        return
+    if not {e.name for e in os.scandir(root)} <= TORCHVISION_FILES:
+        raise DataError(
+            f"--data-root {root} holds neither CIFAR-10 nor an image folder (train/<class>/, test/<class>/), "
+            "and CIFAR-10 is only downloaded into a new or empty directory: check the path"
+        )
 
 
 def _load_torchvision(root: Path) -> Data:
     from torchvision.datasets import CIFAR10
 
-    try:
-        train = CIFAR10(root, train=True, download=True)
-        test = CIFAR10(root, train=False, download=True)
-    except (OSError, RuntimeError) as e:  # no network, a bad download, no permission: say which
-        raise DataError(
-            f"CIFAR-10 is not in {root} and could not be downloaded ({e}). "
-            "Connect to the internet and run again, or pass --data-root DIR with your "
-            "images in DIR/train/<class>/ and DIR/test/<class>/"
-        ) from None
+    try:  # already there: no download, wherever it is
+        train, test = CIFAR10(root, train=True), CIFAR10(root, train=False)
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+        _check_download_target(root)
+        train, test = _download(root)
 
     def tensors(ds) -> tuple[Tensor, Tensor]:
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
         return x, torch.tensor(ds.targets, dtype=torch.int64)
 
     return Data(*tensors(train), *tensors(test), list(train.classes))
+
+
+def _download(root: Path):
+    """Download CIFAR-10 into root; on failure remove what this call created."""
+    from torchvision.datasets import CIFAR10
+
+    created = root
+    while not created.parent.exists():
+        created = created.parent
+    existing = set(os.listdir(root)) if root.exists() else None
+    try:
+        return CIFAR10(root, train=True, download=True), CIFAR10(root, train=False, download=True)
+    except BaseException as e:
+        # Nothing half-written left behind: not the directories, not a partial archive
+        if existing is None:
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for name in set(os.listdir(root)) - existing:
+                shutil.rmtree(root / name, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.remove(root / name)
+        if not isinstance(e, OSError | RuntimeError):  # Ctrl-C and the like: cleaned up, passed on
+            raise
+        raise DataError(
+            f"CIFAR-10 is not in {root} and could not be downloaded ({e}). "
+            "Connect to the internet and run again, or pass --data-root DIR with your "
+            "images in DIR/train/<class>/ and DIR/test/<class>/"
+        ) from None
 
 
 def _scan_split(split: Path, classes: list[str] | None) -> tuple[list[str], list[int], list[str]]:
@@ -232,44 +296,69 @@ def split_holdout(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.n
 # ---------------------------------------------------------------- loaders
 
 
-def normalize(x: Tensor, device: torch.device, mean_std: bool = True) -> Tensor:
-    """uint8 images to floats exactly as ToTensor() + Normalize(0.5, 0.5) compute them.
+def memory_format(device: torch.device | str) -> torch.memory_format:
+    """channels_last on CPU, where oneDNN runs it ~8% faster; NCHW on CUDA, where channels_last is slower."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+def to_float(x: Tensor, mean_std: bool = True) -> Tensor:
+    """uint8 images to floats exactly as ToTensor() + Normalize(0.5, 0.5) compute them, on x's device.
 
     With mean_std=False, ToTensor() alone: values in [0, 1].
     """
-    x = x.to(device).float().div(255)
-    if mean_std:
-        x = x.sub(0.5).div(0.5)
-    # Stored channels_last, as the model's weights are: batches need no layout conversion
-    return x.contiguous(memory_format=torch.channels_last)
+    # Layout first, on the 1-byte values; the float ops keep it
+    x = x.contiguous(memory_format=memory_format(x.device)).float().div_(255)
+    return x.sub_(0.5).div_(0.5) if mean_std else x
+
+
+def normalize(x: Tensor, device: torch.device | str, mean_std: bool = True) -> Tensor:
+    """uint8 images moved to the device and converted by to_float, all at once."""
+    return to_float(x.to(device), mean_std)
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Reflect-pad 4, random 32x32 crop and random horizontal flip, on a whole batch at once."""
+    """Reflect-pad 4, random 32x32 crop and random horizontal flip, on a whole batch at once.
+
+    One gather whose indices reflect at the borders: no padded copy, and any dtype (uint8 too).
+    """
     n, c, h, w = x.shape
     dev = x.device
-    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dy, dx = torch.randint(0, 9, (2, n), generator=generator).to(dev)
-    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+
+    def reflect(i: Tensor, size: int) -> Tensor:  # as F.pad(mode="reflect") maps a padded index
+        i = i.abs()
+        return torch.where(i >= size, 2 * (size - 1) - i, i)
+
+    cols = torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(0), cols)  # a flipped crop reads its columns backwards
+    rows = reflect(dy[:, None] + torch.arange(h, device=dev) - 4, h)[:, None, :, None]
+    cols = reflect(dx[:, None] + cols - 4, w)[:, None, None, :]
     batch = torch.arange(n, device=dev)[:, None, None, None]
     channel = torch.arange(c, device=dev)[None, :, None, None]
-    crops = padded[batch, channel, rows, cols]  # one gather for the whole batch
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)[:, None, None, None]
-    return torch.where(flip, crops.flip(3), crops).contiguous(memory_format=torch.channels_last)
+    return x[batch, channel, rows, cols]
 
 
 class Batches:
     """Mini-batches of tensors already on the device: one randperm per epoch, no per-sample work.
 
-    Draws its permutation exactly as DataLoader(shuffle=True) does, so with the same
-    generator seed it yields the same batches as the tutorial's loader.
+    Images stay uint8 (a quarter of float32's memory) and become floats a batch at a time, with
+    exactly the numbers ToTensor() + Normalize() give. Draws its permutation exactly as
+    DataLoader(shuffle=True) does, so with the same generator seed it yields the same batches as
+    the tutorial's loader.
     """
 
     def __init__(
-        self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool = False, seed: int = 0, augment: bool = False
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        augment: bool = False,
+        mean_std: bool = True,
     ):
-        self.x, self.y, self.batch_size, self.augment = x, y, batch_size, augment
+        self.x, self.y, self.batch_size, self.augment, self.mean_std = x, y, batch_size, augment, mean_std
         self.generator = torch.Generator().manual_seed(seed) if shuffle else None
         # Augmentation draws from its own generator: the shuffle stays the tutorial's
         self.augment_generator = torch.Generator().manual_seed(seed + 1) if augment else None
@@ -278,7 +367,12 @@ class Batches:
     def __len__(self) -> int:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def prepare(self, x: Tensor) -> Tensor:
+        """A raw batch as the network takes it: uint8 images to floats; floats pass unchanged."""
+        return to_float(x, self.mean_std) if x.dtype == torch.uint8 else x
+
+    def raw_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches before `prepare`: images as stored (uint8), shuffled and augmented."""
         n, bs = len(self.y), self.batch_size
         if self.generator is None:
             for i in range(0, n, bs):
@@ -293,6 +387,10 @@ class Batches:
             x = self.x.index_select(0, idx)
             yield (augment(x, self.augment_generator) if self.augment else x), self.y.index_select(0, idx)
         torch.randperm(n, generator=self.generator)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.raw_batches():
+            yield self.prepare(x), y
 
 
 def _subsets(data: Data, train_idx, test_idx, test_from_train: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -317,10 +415,10 @@ def make_loaders(
     augment: bool = False,
     mean_std: bool = True,
 ) -> tuple[Batches, Batches]:
-    """Fast loaders over (a subset of) the decoded data, normalized once on the device."""
+    """Fast loaders over (a subset of) the decoded data, kept as uint8 on the device."""
     tx, ty, ex, ey = _subsets(data, train_idx, test_idx, test_from_train)
-    train = Batches(normalize(tx, device, mean_std), ty.to(device), batch_size, True, seed, augment)
-    test = Batches(normalize(ex, device, mean_std), ey.to(device), EVAL_BATCH_SIZE)
+    train = Batches(tx.to(device), ty.to(device), batch_size, True, seed, augment, mean_std)
+    test = Batches(ex.to(device), ey.to(device), EVAL_BATCH_SIZE, mean_std=mean_std)
     return train, test
 
 
@@ -368,10 +466,27 @@ def tutorial_loaders(
     return train, test
 
 
+def load_data(
+    data_root: str | Path = DATA_ROOT,
+    cache_dir: str | Path | None = CACHE_DIR,
+    batch_size: int = 32,
+    device: torch.device | str = "auto",
+    pipeline: str = "fast",
+    seed: int = 0,
+) -> tuple[Iterable, Iterable, dict[str, int]]:
+    """The tutorial's load_data: (trainloader, testloader, num_examples), the fast loaders by default."""
+    data = load_arrays(data_root, cache_dir)
+    if pipeline == "tutorial":
+        trainloader, testloader = tutorial_loaders(data, batch_size, seed)
+    else:
+        trainloader, testloader = make_loaders(data, batch_size, resolve_device(device), seed)
+    return trainloader, testloader, {"trainset": len(trainloader.dataset), "testset": len(testloader.dataset)}
+
+
 # ---------------------------------------------------------------- model, train, test
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: torch.device | str) -> torch.device:
     """'auto' is CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -381,8 +496,7 @@ def resolve_device(name: str) -> torch.device:
 def make_net(seed: int, device: torch.device) -> Net:
     """A freshly initialised Net, identical for identical seeds."""
     torch.manual_seed(seed)
-    # channels_last lets oneDNN / cuDNN pick faster convolution kernels, same math
-    return Net().to(device, memory_format=torch.channels_last)
+    return Net().to(device, memory_format=memory_format(device))
 
 
 def get_weights(net: nn.Module) -> list[np.ndarray]:
@@ -399,6 +513,72 @@ def set_weights(net: nn.Module, weights: list[np.ndarray]) -> None:
     net.load_state_dict(state, strict=True)
 
 
+Step = Callable[[Tensor, Tensor], None]
+
+
+class CudaGraphs:
+    """How GraphedStep warms up and captures on CUDA (PyTorch's "whole network capture")."""
+
+    @contextlib.contextmanager
+    def warmup(self) -> Iterator[None]:
+        """Run eagerly on a side stream, as capture requires of the steps before it."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, step: Step, x: Tensor, y: Tensor) -> Callable[[], None]:
+        """Record step(x, y) once (nothing runs); return what replays it."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(x, y)
+        return graph.replay
+
+
+def graph_backend(device: torch.device) -> CudaGraphs | None:
+    """What captures training steps as graphs on this device; None: steps run eagerly."""
+    return CudaGraphs() if device.type == "cuda" else None
+
+
+class GraphedStep:
+    """A training step captured once as a CUDA graph and replayed for every batch of the captured shape.
+
+    The first `warmup` batches train eagerly (real steps, as capture needs), then the next one is
+    captured into static input buffers; a batch of another shape (an epoch's shorter last batch)
+    trains eagerly on the same parameters and optimizer state. Every batch is trained on exactly
+    once, in order, by the same step function: the results are eager's, up to float rounding.
+    """
+
+    def __init__(self, step: Step, warmup: int = 3, backend=None) -> None:
+        self.step, self.warmup = step, warmup
+        self.backend = backend or CudaGraphs()
+        self.shape: tuple | None = None
+        self.static: tuple[Tensor, Tensor] | None = None
+        self.replay: Callable[[], None] | None = None
+        self.eager_steps = self.replays = 0
+
+    def __call__(self, x: Tensor, y: Tensor) -> None:
+        shape = (x.shape, x.dtype, y.shape, y.dtype)
+        self.shape = self.shape or shape
+        if shape != self.shape:
+            self.step(x, y)  # outside the graph: same parameters, same optimizer state
+            self.eager_steps += 1
+            return
+        if self.replay is None:
+            if self.eager_steps < self.warmup:
+                with self.backend.warmup():
+                    self.step(x, y)
+                self.eager_steps += 1
+                return
+            self.static = (x.clone(), y.clone())
+            self.replay = self.backend.capture(self.step, *self.static)
+        self.static[0].copy_(x)
+        self.static[1].copy_(y)
+        self.replay()
+        self.replays += 1
+
+
 def train(
     net: nn.Module,
     trainloader: Iterable,
@@ -408,24 +588,43 @@ def train(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     on_progress: Callable[[int, int, float], None] | None = None,
+    proximal_mu: float = 0.0,
+    cuda_graph: bool = True,
 ) -> float:
-    """Train with SGD; return the mean training loss over all steps (nan for no steps)."""
+    """Train with SGD; return the mean training loss (cross-entropy) over all steps (nan for no steps).
+
+    proximal_mu > 0 adds FedProx's proximal term (mu/2)*||w - w_start||^2, w_start being the
+    weights this call starts from. On CUDA, cuda_graph replays each step as one captured graph
+    (the proximal term included); elsewhere, or with cuda_graph=False, steps run eagerly.
+    """
+    device = torch.device(device)
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    # Batches hands over uint8 images and converts them inside the step (inside the graph on CUDA)
+    prepare = getattr(trainloader, "prepare", None)
+    batches = getattr(trainloader, "raw_batches", None) or trainloader.__iter__
     net.train()
     # Losses accumulate on the device: no host sync per step, only when progress is shown
+    window = torch.zeros((), device=device)
+
+    def step(images: Tensor, labels: Tensor) -> None:
+        optimizer.zero_grad()
+        loss = criterion(net(prepare(images) if prepare else images), labels)
+        window.add_(loss.detach())
+        if proximal_mu > 0:
+            loss = loss + proximal_mu / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(params, start))
+        loss.backward()
+        optimizer.step()
+
+    backend = graph_backend(device) if cuda_graph else None
+    run = GraphedStep(step, backend=backend) if backend else step
     total = torch.zeros((), device=device)
     steps = 0
     for epoch in range(epochs):
-        window = torch.zeros((), device=device)
-        for i, (images, labels) in enumerate(trainloader):
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            optimizer.zero_grad()
-            loss = criterion(net(images), labels)
-            loss.backward()
-            optimizer.step()
-            window += loss.detach()
+        for i, (images, labels) in enumerate(batches()):
+            run(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
             steps += 1
             if i % 100 == 99:
                 if on_progress is not None:
@@ -433,6 +632,7 @@ def train(
                 total += window
                 window.zero_()
         total += window
+        window.zero_()
     return total.item() / steps if steps else float("nan")
 
 
@@ -453,6 +653,95 @@ def test(net: nn.Module, testloader: Iterable, device: torch.device) -> tuple[fl
     if total == 0:
         raise ValueError("cannot evaluate on an empty test set")
     return loss.item() / total, correct.item() / total
+
+
+# ---------------------------------------------------------------- cores shared between clients
+
+
+def machine_cores() -> int:
+    """The cores this process may run on."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _process_token(pid: int) -> str | None:
+    """The process's start time (Linux), to tell a live pid from a reused one; None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counting from after the command name
+
+
+def _alive(pid: int, token: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, someone else's
+    now = _process_token(pid)
+    return now is None or not token or now == token
+
+
+_registered: set[Path] = set()
+
+
+class CoreShare:
+    """This process's share of the machine's cores, among the client processes running on it.
+
+    Every client registers in a per-user directory (a file named by its pid, removed at exit;
+    files of dead processes are ignored and cleaned up). With `threads` given, `apply` sets that
+    many torch threads; without, cores // live clients, at least 1: a client alone uses every
+    core, two clients on two cores one each, so they do not oversubscribe.
+    """
+
+    def __init__(self, threads: int | None = None, registry: str | Path | None = None) -> None:
+        self.threads = threads
+        self.registry = Path(registry or Path(tempfile.gettempdir()) / f"flower-cifar-{os.getuid()}" / "clients")
+        self._register()  # with fixed threads too: the others then take fewer
+        self.apply()
+
+    def _register(self) -> None:
+        me = self.registry / str(os.getpid())
+        if me in _registered:  # many clients in one process (a simulation): one entry
+            return
+        try:
+            self.registry.mkdir(mode=0o700, parents=True, exist_ok=True)
+            me.write_text(_process_token(os.getpid()) or "")
+        except OSError:
+            return  # no registry here: this client counts only itself
+        _registered.add(me)
+        atexit.register(me.unlink, missing_ok=True)
+
+    def live_clients(self) -> int:
+        """Client processes registered and alive, this one included."""
+        live = 0
+        try:
+            entries = list(os.scandir(self.registry))
+        except OSError:
+            return 1
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                token = Path(entry.path).read_text().strip()
+            except OSError:
+                continue  # removed meanwhile
+            if _alive(int(entry.name), token):
+                live += 1
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+        return max(1, live)
+
+    def apply(self) -> int:
+        """Set torch's thread count for the next training call; return it."""
+        n = self.threads or max(1, machine_cores() // self.live_clients())
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return n
 
 
 # ---------------------------------------------------------------- command line
@@ -501,7 +790,18 @@ def add_train_args(parser: flags.Parser, epochs: int) -> None:
     )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:0', ...")
     parser.add_argument(
-        "--threads", type=flags.positive_int, default=None, help="torch CPU threads (default: all cores)"
+        "--threads",
+        type=flags.positive_int,
+        default=None,
+        # "%(default).0s" prints nothing: it only stops the help formatter from adding "(default: None)"
+        help="torch CPU threads (default: all cores; clients on one machine divide them between the client processes "
+        "running there)%(default).0s",
+    )
+    parser.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CUDA, capture the training step once as a CUDA graph and replay it (--no-cuda-graph: eager steps)",
     )
     parser.add_argument(
         "--seed", type=flags.non_negative_int, default=0, help="seeds initialisation, shuffling and partitions"
@@ -531,7 +831,7 @@ def main() -> None:
     print("Load data")
     start = time.perf_counter()
     try:
-        data = load_data(args.data_root, args.cache_dir)
+        data = load_arrays(args.data_root, args.cache_dir)
     except DataError as e:
         flags.die(str(e), parser.prog)
     options = {"augment": args.augment, "mean_std": args.normalize}
@@ -539,29 +839,38 @@ def main() -> None:
         trainloader, testloader = tutorial_loaders(data, args.batch_size, args.seed, **options)
     else:
         trainloader, testloader = make_loaders(data, args.batch_size, device, args.seed, **options)
+    del data  # the loaders hold what they need
     loaded = time.perf_counter()
     print(
         f"Loaded {len(trainloader.dataset)} training and {len(testloader.dataset)} test images in {loaded - start:.1f} s"
     )
 
-    print(f"Start training: {args.epochs} epoch(s) of {len(trainloader)} batches")
     net = make_net(args.seed, device)
-    train(
-        net,
-        trainloader,
-        args.epochs,
-        device,
-        args.lr,
-        args.momentum,
-        args.weight_decay,
-        on_progress=lambda epoch, batch, loss: print(f"[{epoch}, {batch:5d}] loss: {loss:.3f}"),
-    )
+    if args.epochs:
+        graph = " as a CUDA graph" if device.type == "cuda" and args.cuda_graph else ""
+        print(f"Start training: {args.epochs} epoch(s) of {len(trainloader)} batches{graph}")
+        train(
+            net,
+            trainloader,
+            args.epochs,
+            device,
+            args.lr,
+            args.momentum,
+            args.weight_decay,
+            on_progress=lambda epoch, batch, loss: print(f"[{epoch}, {batch:5d}] loss: {loss:.3f}"),
+            cuda_graph=args.cuda_graph,
+        )
     trained = time.perf_counter()
     print("Evaluate model")
     loss, accuracy = test(net, testloader, device)
-    print(f"Training took {trained - loaded:.1f} s ({(trained - loaded) / max(args.epochs, 1):.2f} s/epoch)")
+    if args.epochs:
+        print(f"Training took {trained - loaded:.1f} s ({(trained - loaded) / args.epochs:.2f} s/epoch)")
+    else:
+        print("No training (--epochs 0): the initial model was evaluated")
     print(f"Loss: {loss:.4f} (mean per test example)")
     print(f"Accuracy: {accuracy:.4f}")
+    if device.type == "cuda":
+        print(f"Peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from pathlib import Path
 import flwr as fl
 import grpc
 import numpy as np
-import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 
@@ -26,8 +25,8 @@ HOLDOUT_FRACTION = 0.1  # of a partition, kept back for the client's own evaluat
 class CifarClient(fl.client.NumPyClient):
     """Trains and evaluates the tutorial's Net on this client's data."""
 
-    def __init__(self, net, trainloader, testloader, device, epochs=1, **optimizer):
-        self.net, self.trainloader, self.testloader = net, trainloader, testloader
+    def __init__(self, net, trainloader, testloader, device, epochs=1, cores=None, **optimizer):
+        self.net, self.trainloader, self.testloader, self.cores = net, trainloader, testloader, cores
         self.device, self.epochs, self.optimizer = device, epochs, optimizer  # lr, momentum, weight_decay
 
     def get_parameters(self, config) -> list[np.ndarray]:
@@ -35,6 +34,8 @@ class CifarClient(fl.client.NumPyClient):
 
     def fit(self, parameters, config):
         start = time.perf_counter()
+        if self.cores:
+            self.cores.apply()  # this machine's cores divided among the clients running now
         cifar.set_weights(self.net, parameters)
         loss = cifar.train(self.net, self.trainloader, self.epochs, self.device, **self.optimizer)
         seconds = time.perf_counter() - start
@@ -62,11 +63,10 @@ def build_client(args: argparse.Namespace, data: cifar.Data | None = None) -> Ci
     its own data would; the server judges the global model on the full test set.
     """
     device = cifar.resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cores = cifar.CoreShare(args.threads)
     train_idx = test_idx = None
     test_from_train = False
-    data = data or cifar.load_data(args.data_root, args.cache_dir)
+    data = data or cifar.load_arrays(args.data_root, args.cache_dir)
     if args.num_partitions:
         share = cifar.partition_indices(
             data.train_y, args.num_partitions, args.partition_id, args.partitioner, args.alpha, args.seed
@@ -86,7 +86,8 @@ def build_client(args: argparse.Namespace, data: cifar.Data | None = None) -> Ci
         loaders = cifar.make_loaders(data, args.batch_size, device, shuffle_seed, *subset, **options)
     net = cifar.make_net(args.seed, device)
     optimizer = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
-    return CifarClient(net, *loaders, device, args.epochs, **optimizer)
+    optimizer["cuda_graph"] = getattr(args, "cuda_graph", True)
+    return CifarClient(net, *loaders, device, args.epochs, cores, **optimizer)
 
 
 def wait_for_server(address: str, root_certificates: bytes | None, timeout: float, quiet: bool = False) -> bool:
@@ -212,7 +213,7 @@ def main() -> None:
 
 
 # A simulation runs many clients in one process: decode the data once per process
-_shared_data = functools.cache(cifar.load_data)
+_shared_data = functools.cache(cifar.load_arrays)
 
 
 def client_fn(context: Context):

@@ -134,7 +134,7 @@ def main() -> None:
     # Decode the data once here so that the clients start from a warm cache, not N decodes at once
     print(f"Preparing data from {args.data_root}", flush=True)
     try:
-        cifar.load_data(args.data_root, args.cache_dir)
+        cifar.load_arrays(args.data_root, args.cache_dir)
     except cifar.DataError as e:
         flags.die(str(e), parser.prog)
 

@@ -295,7 +295,7 @@ class WaitingClientManager(SimpleClientManager):
 
 def central_evaluator(data_root: str, cache_dir: str, device: torch.device, mean_std: bool = True):
     """An evaluate_fn that tests the global model on the full test set."""
-    data = cifar.load_data(data_root, cache_dir)
+    data = cifar.load_arrays(data_root, cache_dir)
     x = cifar.normalize(data.test_x, device, mean_std)  # exactly as the clients see their data
     testloader = cifar.Batches(x, data.test_y.to(device), cifar.EVAL_BATCH_SIZE)
     net = cifar.make_net(0, device)

@@ -82,7 +82,7 @@ def test_saved_checkpoint_loads_into_net_and_reproduces_the_reported_centralized
     assert codes == [0, 0, 0], logs[0][-3000:]
     net = cifar.Net()
     net.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "round-002.pt", weights_only=True))
-    data = cifar.load_data(tiny, tmp_path / "cache")
+    data = cifar.load_arrays(tiny, tmp_path / "cache")
     loss, accuracy = cifar.test(net, cifar.Batches(cifar.normalize(data.test_x, "cpu"), data.test_y, 1000), "cpu")
     last = rows(tmp_path / "run")[-1]
     assert accuracy == pytest.approx(float(last["centralized_accuracy"]), abs=1e-6)
