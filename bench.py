@@ -1,7 +1,8 @@
 """Benchmarks on real CIFAR-10; each command rewrites its own section of BENCHMARKS.md.
 
     tar xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp
-    python3 bench.py pipeline --data-root /tmp/cifar10-jpeg     # fast pipeline vs the tutorial's
+    python3 bench.py pipeline --data-root /tmp/cifar10-jpeg     # cifar.py vs the tutorial's own, time and memory
+    python3 bench.py federated --data-root /tmp/cifar10-jpeg    # server.py + 2 client.py, as the README runs them
     python3 bench.py load --data-root /tmp/cifar10-jpeg         # 50 clients on one server
     python3 bench.py scale --data-root /tmp/cifar10-jpeg        # Simulation Engine, 10 to 1,000 clients
     python3 bench.py profile --data-root /tmp/cifar10-jpeg      # what bounds a training step
@@ -14,6 +15,7 @@ drift in the machine's speed hits both alike.
 import argparse
 import csv
 import os
+import pickle
 import platform
 import re
 import signal
@@ -120,112 +122,225 @@ class MemorySampler:
 
 # ---------------------------------------------------------------- pipeline
 
+# The tutorial's own cifar.py reads torchvision's pickled CIFAR-10; this machine's copy is JPEG, so
+# bench.py writes the same arrays in torchvision's format, whose checksums then differ: skip them.
+# Its peak GPU memory is printed at exit, as cifar.py prints its own.
+TUTORIAL_RUNNER = """
+import atexit, runpy, sys, torch, torchvision.datasets.cifar as c
+c.check_integrity = lambda *a, **k: True
+c.CIFAR10._check_integrity = lambda self: True
+if torch.cuda.is_available():
+    atexit.register(lambda: print(f"Peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"))
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
 
-def centralized(data_root: str, cache: str, pipeline: str, device: str, epochs: int) -> dict:
-    """One cifar.py run: seconds per epoch, process wall seconds, accuracy."""
+
+def write_torchvision_copy(data: cifar.Data, root: Path) -> Path:
+    """The decoded images in torchvision's CIFAR-10 layout (pickled batches of 10,000); returns the script."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    x, y = data.train_x.reshape(len(data.train_y), -1).numpy(), data.train_y.tolist()
+    for i in range(5):
+        part = slice(i * len(y) // 5, (i + 1) * len(y) // 5)
+        with (folder / f"data_batch_{i + 1}").open("wb") as f:
+            pickle.dump({"data": x[part], "labels": y[part]}, f)
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({"data": data.test_x.reshape(len(data.test_y), -1).numpy(), "labels": data.test_y.tolist()}, f)
+    with (folder / "batches.meta").open("wb") as f:
+        pickle.dump({"label_names": data.classes}, f)
+    code = (HERE / "reference" / "tutorial_cifar.py").read_text()
+    script_path = root / "tutorial_cifar.py"
+    script_path.write_text(code.replace('DATA_ROOT = "~/data/cifar-10"', f"DATA_ROOT = {str(root)!r}"))
+    return script_path
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command to its end: wall seconds, peak resident memory (what `/usr/bin/time -v` reports
+    as Maximum resident set size), and its output lines with the second each arrived."""
     start = time.perf_counter()
-    out = subprocess.run(
-        script("cifar.py", "--data-root", data_root, "--cache-dir", cache, "--pipeline", pipeline,
-               "--device", device, "--epochs", epochs),
-        env=ENV, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "\n".join(line for _, line in lines[-20:])
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited with {proc.returncode}:\n{tail}")
+    return {"wall_s": time.perf_counter() - start, "rss_mib": usage.ru_maxrss / 1024, "lines": lines}
+
+
+def centralized(cmd: list[str], env: dict | None = None) -> dict:
+    """One centralized run: seconds per epoch, whole process, peak memory, accuracy."""
+    r = measure(cmd, env)
+    text = "\n".join(line for _, line in r["lines"])
+    # An epoch is the time from epoch 1's 100th batch to epoch 2's: the same for any script that prints
+    # the tutorial's progress lines, and free of start-up and evaluation
+    marks = {line.split("]")[0] + "]": t for t, line in r["lines"] if re.match(r"\[[12], +100\]", line)}
+    printed = re.search(r"\(([\d.]+) s/epoch\)", text)
+    if len(marks) == 2:
+        epoch_s = marks["[2,   100]"] - marks["[1,   100]"]
+    else:  # fewer than 100 batches an epoch: cifar.py's own figure, or none
+        epoch_s = float(printed.group(1)) if printed else float("nan")
+    gpu = re.search(r"Peak GPU memory: (\d+) MiB", text)
     return {
-        "epoch_s": float(re.search(r"\(([\d.]+) s/epoch\)", out).group(1)),
-        "wall_s": time.perf_counter() - start,
-        "accuracy": float(re.search(r"Accuracy: ([\d.]+)", out).group(1)),
+        "epoch_s": epoch_s,
+        "wall_s": r["wall_s"],
+        "rss_mib": r["rss_mib"],
+        "gpu_mib": float(gpu.group(1)) if gpu else float("nan"),
+        "accuracy": float(re.search(r"Accuracy:\s+([\d.]+)", text).group(1)),
     }
+
+
+def load_note(start: tuple[float, float, float]) -> str:
+    end = os.getloadavg()
+    return (
+        f"Load average over the run: {start[1]:.1f} at its start, {end[1]:.1f} at its end (5-minute averages, "
+        f"{os.cpu_count()} cores; above the core count, other work shared the machine and times are inflated, "
+        "peak memory is not)."
+    )
+
+
+def bench_pipeline(args, cache: str) -> str:
+    """cifar.py's variants against the tutorial's own cifar.py, alternating, on each device."""
+    load_start = os.getloadavg()
+    data_flags = ("--data-root", args.data_root, "--cache-dir", cache, "--epochs", args.epochs)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tutorial_script = write_torchvision_copy(cifar.load_arrays(args.data_root, cache), Path(tmp))
+        for device in args.devices:
+            variants = {
+                "the tutorial's own cifar.py": (
+                    [sys.executable, "-c", TUTORIAL_RUNNER, str(tutorial_script)],
+                    {**ENV, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else ENV,
+                ),
+                "`cifar.py --pipeline tutorial`": (
+                    script("cifar.py", *data_flags, "--device", device, "--pipeline", "tutorial"),
+                    None,
+                ),
+            }
+            if device == "cuda":
+                variants["`cifar.py --no-cuda-graph`"] = (
+                    script("cifar.py", *data_flags, "--device", device, "--no-cuda-graph"),
+                    None,
+                )
+            variants["`cifar.py`"] = (script("cifar.py", *data_flags, "--device", device), None)
+            if args.epochs != 2:  # the tutorial's script trains 2 epochs, always
+                variants.pop("the tutorial's own cifar.py")
+            for i in range(args.repeats):
+                for name, (cmd, env) in variants.items():
+                    r = centralized(cmd, env)
+                    runs.setdefault((device, name), []).append(r)
+                    print(f"centralized {device} {name} #{i + 1}: {r}", flush=True)
+
+    lines = [
+        "## Pipeline: `cifar.py` against the tutorial's own `cifar.py`",
+        "",
+        (
+            f"`python3 bench.py pipeline --data-root {args.data_root} --devices {' '.join(args.devices)} "
+            f"--repeats {args.repeats}`: medians of {args.repeats} runs, each run's figure in brackets; the "
+            "variants alternate. The tutorial's own script (`reference/tutorial_cifar.py`, verbatim) reads the "
+            "same decoded images, written in torchvision's pickled format. An epoch is timed from epoch 1's "
+            "100th batch to epoch 2's; the whole process from start to exit. Peak RSS is the process's maximum "
+            "resident memory (as `/usr/bin/time -v` reports it); peak GPU memory is "
+            "`torch.cuda.max_memory_allocated()`."
+        ),
+        "",
+        f"### Centralized, {args.epochs} epochs, batch 32, SGD lr 0.001 momentum 0.9, seed 0",
+        "",
+        "| device | run | s/epoch | whole process, s | peak RSS, MiB | peak GPU memory, MiB | test accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (device, name), rs in runs.items():
+        gpu = fmt_runs(rs, "gpu_mib", ".0f") if device == "cuda" else ""
+        lines.append(
+            f"| {device} | {name} | {fmt_runs(rs, 'epoch_s')} | {fmt_runs(rs, 'wall_s', '.1f')} "
+            f"| {fmt_runs(rs, 'rss_mib', '.0f')} | {gpu} | {fmt_runs(rs, 'accuracy', '.4f')} |"
+        )
+    for device in args.devices:
+        fast = runs[(device, "`cifar.py`")]
+        for name in ("the tutorial's own cifar.py", "`cifar.py --pipeline tutorial`"):
+            if (device, name) not in runs:
+                continue
+            base = runs[(device, name)]
+            epoch = statistics.median(a["epoch_s"] / b["epoch_s"] for a, b in zip(base, fast))
+            whole = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(base, fast))
+            memory = statistics.median(b["rss_mib"] / a["rss_mib"] for a, b in zip(base, fast))
+            lines += ["", (f"{device}: `cifar.py` against {name}: **{epoch:.2f}x** its speed per epoch, "
+                          f"**{whole:.2f}x** for the whole process, {memory:.2f}x its peak RSS "
+                          "(medians of the ratios within each round of runs).")]  # fmt: skip
+    lines += ["", load_note(load_start)]
+    return "\n".join(lines)
 
 
 def federated(data_root: str, cache: str, setup: str, workdir: Path) -> dict:
     """Server + 2 clients, 3 rounds, the tutorial's experiment; wall time from start to all exited."""
     address, run_dir = free_address(), Path(tempfile.mkdtemp(dir=workdir)) / "run"
     data = ("--data-root", data_root, "--cache-dir", cache)
-    client_flags = ("--pipeline", "tutorial") if setup == "tutorial" else ("--threads", max(1, os.cpu_count() // 2))
+    # The project's clients run as the README shows them, without thread flags: they share the cores themselves
+    client_flags = ("--pipeline", "tutorial") if setup == "tutorial" else ()
     quiet = {"env": ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     start = time.perf_counter()
     procs = [subprocess.Popen(script("server.py", "--server-address", address, "--run-dir", run_dir,
                                      "--no-central-eval", *data), **quiet)]  # fmt: skip
     for _ in range(2):
         procs.append(subprocess.Popen(script("client.py", "--server-address", address, *data, *client_flags), **quiet))
-    codes = [p.wait(timeout=3600) for p in procs]
+    ends = []
+    for p in procs:
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        ends.append((p.returncode, usage.ru_maxrss / 1024))
     wall = time.perf_counter() - start
-    if codes != [0, 0, 0]:
-        raise RuntimeError(f"federated {setup} run failed with exit codes {codes}")
+    if [code for code, _ in ends] != [0, 0, 0]:
+        raise RuntimeError(f"federated {setup} run failed with exit codes {[code for code, _ in ends]}")
     rows = read_rows(run_dir)
     return {
         "wall_s": wall,
         "accuracy": float(rows[-1]["distributed_accuracy"]),
         "round_s": statistics.median(float(r["seconds"]) for r in rows),
         "overhead": 100 * statistics.median(float(r["flower_overhead_seconds"]) / float(r["seconds"]) for r in rows),
-        "overhead_s": statistics.median(float(r["flower_overhead_seconds"]) for r in rows),
+        "server_mib": ends[0][1],
+        "client_mib": max(rss for _, rss in ends[1:]),
     }
 
 
-def bench_pipeline(args, cache: str) -> str:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    cent: dict[tuple[str, str], list[dict]] = {}
-    for device in devices:
-        for i in range(args.repeats):
-            for pipeline in ("tutorial", "fast"):
-                r = centralized(args.data_root, cache, pipeline, device, args.epochs)
-                cent.setdefault((device, pipeline), []).append(r)
-                print(f"centralized {device} {pipeline} #{i + 1}: {r}", flush=True)
+def bench_federated(args, cache: str) -> str:
+    load_start = os.getloadavg()
     fed: dict[str, list[dict]] = {}
-    if not args.skip_federated:
-        with tempfile.TemporaryDirectory() as tmp:
-            for i in range(args.repeats):
-                for setup in ("tutorial", "project"):
-                    r = federated(args.data_root, cache, setup, Path(tmp))
-                    fed.setdefault(setup, []).append(r)
-                    print(f"federated {setup} #{i + 1}: {r}", flush=True)
-
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for setup in args.setups:
+                r = federated(args.data_root, cache, setup, Path(tmp))
+                fed.setdefault(setup, []).append(r)
+                print(f"federated {setup} #{i + 1}: {r}", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = [
-        "## Pipeline: the project's against the tutorial's",
+        f"## Federated: server.py + 2 client.py on one machine ({device}), 3 rounds, every client the full set",
         "",
         (
-            f"`python3 bench.py pipeline --data-root {args.data_root} --repeats {args.repeats}`: medians of "
-            f"{args.repeats} runs, each run's figure in brackets."
+            f"`python3 bench.py federated --data-root {args.data_root} --setups {' '.join(args.setups)} "
+            f"--repeats {args.repeats}`. Tutorial setup: `client.py --pipeline tutorial`. Project: the README's "
+            "commands as written, `server.py` and `client.py` without thread flags. The server runs "
+            "`--no-central-eval` in both, as the tutorial's has none. Wall time from starting the three processes "
+            "until all have exited. Flower's overhead is a round's wall time minus its slowest client's fit and "
+            "evaluate. Peak RSS per process as `/usr/bin/time -v` reports it (the larger client's)."
         ),
         "",
-        f"### Centralized (`cifar.py --epochs {args.epochs}`, batch 32, SGD lr 0.001 momentum 0.9, seed 0)",
-        "",
-        "| device | pipeline | s/epoch | whole process, s | test accuracy |",
-        "|---|---|---|---|---|",
+        (
+            "| setup | end to end, s | median round, s | Flower overhead per round "
+            "| peak RSS server / client, MiB | final accuracy |"
+        ),
+        "|---|---|---|---|---|---|",
     ]
-    for (device, pipeline), runs in cent.items():
+    for name, rs in fed.items():
         lines.append(
-            f"| {device} | {pipeline} | {fmt_runs(runs, 'epoch_s')} | {fmt_runs(runs, 'wall_s', '.1f')} "
-            f"| {fmt_runs(runs, 'accuracy', '.4f')} |"
+            f"| {name} | {fmt_runs(rs, 'wall_s', '.1f')} | {fmt_runs(rs, 'round_s')} "
+            f"| {fmt_runs(rs, 'overhead', '.2f')} % | {fmt_runs(rs, 'server_mib', '.0f')} / "
+            f"{fmt_runs(rs, 'client_mib', '.0f')} | {fmt_runs(rs, 'accuracy', '.4f')} |"
         )
-    for device in devices:
-        ratios = [a["epoch_s"] / b["epoch_s"] for a, b in zip(cent[(device, "tutorial")], cent[(device, "fast")])]
-        lines += ["", (f"{device}: fast is **{statistics.median(ratios):.2f}x** the tutorial's speed per epoch "
-                      f"(ratios within each pair of runs: {', '.join(f'{x:.2f}' for x in ratios)}).")]  # fmt: skip
-    if not torch.cuda.is_available():
-        lines += ["", "No CUDA device on this machine: no GPU rows."]
-    if fed:
+    if len(fed) == 2:
         ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(fed["tutorial"], fed["project"])]
-        lines += [
-            "",
-            "### Federated: server.py + 2 client.py on this machine, 3 rounds, every client the full training set",
-            "",
-            (
-                "Tutorial setup: `client.py --pipeline tutorial` (torch's default threads in both clients). "
-                "Project: `client.py --threads <cores/2>`. The server runs `--no-central-eval` in both, as the "
-                "tutorial's has none. Wall time from starting the three processes until all have exited. Flower's "
-                "overhead is a round's wall time minus its slowest client's fit and evaluate."
-            ),
-            "",
-            "| setup | end to end, s | median round, s | Flower overhead per round | final accuracy |",
-            "|---|---|---|---|---|",
-        ]
-        for name, runs in fed.items():
-            lines.append(
-                f"| {name} | {fmt_runs(runs, 'wall_s', '.1f')} | {fmt_runs(runs, 'round_s')} "
-                f"| {fmt_runs(runs, 'overhead', '.2f')} % | {fmt_runs(runs, 'accuracy', '.4f')} |"
-            )
         lines += ["", (f"End to end the project is **{statistics.median(ratios):.2f}x** as fast "
                       f"(ratios within each pair of runs: {', '.join(f'{x:.2f}' for x in ratios)}).")]  # fmt: skip
+    lines += ["", load_note(load_start)]
     return "\n".join(lines)
 
 
@@ -468,8 +583,7 @@ def bench_profile(args, cache: str) -> str:
         net = cifar.make_net(0, cpu)
         rows.append((f"eager, channels-last, {threads} thread(s)", step_time(net, batches, args.steps)))
     net = cifar.make_net(0, cpu).to(memory_format=torch.contiguous_format)
-    nchw, _ = cifar.make_loaders(data, 32, cpu, seed=0)
-    nchw.x = nchw.x.contiguous()
+    nchw = ((x.contiguous(), y) for x, y in cifar.make_loaders(data, 32, cpu, seed=0)[0])
     rows.append((f"eager, NCHW, {os.cpu_count()} threads", step_time(net, nchw, args.steps)))
     compiled = torch.compile(cifar.make_net(0, cpu))
     first = step_time(compiled, batches, 1, warmup=0)  # includes compiling
@@ -511,10 +625,21 @@ def main() -> None:
     parser = flags.Parser(description="Benchmarks on real CIFAR-10; each writes its section of BENCHMARKS.md.")
     parser.add_argument("--out", type=Path, default=HERE / "BENCHMARKS.md", help="the report")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pipeline", help="fast pipeline against the tutorial's, centralized and federated")
+    p = sub.add_parser("pipeline", help="cifar.py against the tutorial's own cifar.py: time and memory")
     p.add_argument("--repeats", type=flags.positive_int, default=3, help="runs of each measurement (medians)")
     p.add_argument("--epochs", type=flags.positive_int, default=2, help="centralized epochs per run")
-    p.add_argument("--skip-federated", action="store_true", help="only the centralized measurements")
+    p.add_argument(
+        "--devices",
+        nargs="+",
+        choices=("cpu", "cuda"),
+        default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"],
+        help="devices to measure on",
+    )
+    p = sub.add_parser("federated", help="server.py + 2 client.py, the tutorial's setup against the README's")
+    p.add_argument("--repeats", type=flags.positive_int, default=3, help="runs of each setup (medians)")
+    p.add_argument(
+        "--setups", nargs="+", choices=("tutorial", "project"), default=["tutorial", "project"], help="setups to run"
+    )
     p = sub.add_parser("load", help="many lightweight clients on one server")
     p.add_argument("--clients", type=flags.positive_int, default=50, help="clients connected at once")
     p.add_argument("--shares", type=flags.positive_int, default=1000, help="the training set in this many shares")
@@ -541,6 +666,7 @@ def main() -> None:
         flags.die(str(e), parser.prog)
     run = {
         "pipeline": bench_pipeline,
+        "federated": bench_federated,
         "load": bench_load,
         "scale": bench_scale,
         "profile": bench_profile,
@@ -548,6 +674,10 @@ def main() -> None:
     }
     # NIID rows take long: each partitioner's row is its own section, written when it is done
     name = "-".join([args.command, *args.partitioners]) if args.command == "niid" else args.command
+    if args.command == "pipeline" and args.devices != ["cpu"]:  # a GPU machine's rows beside the CPU's
+        name = "-".join([args.command, *args.devices])
+    if args.command == "federated" and torch.cuda.is_available():
+        name += "-cuda"
     write_section(args.out, name, run[args.command](args, args.cache_dir))
 
 
