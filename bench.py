@@ -154,18 +154,43 @@ def write_torchvision_copy(data: cifar.Data, root: Path) -> Path:
     return script_path
 
 
+# Peak memory as `/usr/bin/time -v` measures it: the child's maximum resident set size from wait4.
+# A child forked straight from this (large) process would inherit its high-water mark, so a small
+# process in between starts the command and writes the figure (KiB) to the file it is given.
+PEAK_RSS_RUNNER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def with_peak_rss(cmd: list, record: Path) -> list[str]:
+    """cmd, run so that its peak resident memory (KiB) lands in `record`."""
+    return [sys.executable, "-c", PEAK_RSS_RUNNER, str(record), *map(str, cmd)]
+
+
+def peak_rss_mib(record: Path) -> float:
+    return int(record.read_text()) / 1024
+
+
 def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run a command to its end: wall seconds, peak resident memory (what `/usr/bin/time -v` reports
-    as Maximum resident set size), and its output lines with the second each arrived."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = "\n".join(line for _, line in lines[-20:])
-        raise RuntimeError(f"{' '.join(map(str, cmd))} exited with {proc.returncode}:\n{tail}")
-    return {"wall_s": time.perf_counter() - start, "rss_mib": usage.ru_maxrss / 1024, "lines": lines}
+    """Run a command to its end: wall seconds, peak resident memory (MiB), and its output lines
+    with the second each arrived."""
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "rss"
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            with_peak_rss(cmd, record), env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        lines = [(time.perf_counter() - start, line.rstrip()) for line in proc.stdout]
+        code = proc.wait()
+        wall = time.perf_counter() - start
+        if code != 0:
+            tail = "\n".join(line for _, line in lines[-20:])
+            raise RuntimeError(f"{' '.join(map(str, cmd))} exited with {code}:\n{tail}")
+        return {"wall_s": wall, "rss_mib": peak_rss_mib(record), "lines": lines}
 
 
 def centralized(cmd: list[str], env: dict | None = None) -> dict:
@@ -278,27 +303,25 @@ def federated(data_root: str, cache: str, setup: str, workdir: Path) -> dict:
     # The project's clients run as the README shows them, without thread flags: they share the cores themselves
     client_flags = ("--pipeline", "tutorial") if setup == "tutorial" else ()
     quiet = {"env": ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    records = [run_dir.parent / f"rss-{i}" for i in range(3)]
+    server = script("server.py", "--server-address", address, "--run-dir", run_dir, "--no-central-eval", *data)
     start = time.perf_counter()
-    procs = [subprocess.Popen(script("server.py", "--server-address", address, "--run-dir", run_dir,
-                                     "--no-central-eval", *data), **quiet)]  # fmt: skip
-    for _ in range(2):
-        procs.append(subprocess.Popen(script("client.py", "--server-address", address, *data, *client_flags), **quiet))
-    ends = []
-    for p in procs:
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        ends.append((p.returncode, usage.ru_maxrss / 1024))
+    procs = [subprocess.Popen(with_peak_rss(server, records[0]), **quiet)]
+    for record in records[1:]:
+        cmd = script("client.py", "--server-address", address, *data, *client_flags)
+        procs.append(subprocess.Popen(with_peak_rss(cmd, record), **quiet))
+    codes = [p.wait(timeout=3600) for p in procs]
     wall = time.perf_counter() - start
-    if [code for code, _ in ends] != [0, 0, 0]:
-        raise RuntimeError(f"federated {setup} run failed with exit codes {[code for code, _ in ends]}")
+    if codes != [0, 0, 0]:
+        raise RuntimeError(f"federated {setup} run failed with exit codes {codes}")
     rows = read_rows(run_dir)
     return {
         "wall_s": wall,
         "accuracy": float(rows[-1]["distributed_accuracy"]),
         "round_s": statistics.median(float(r["seconds"]) for r in rows),
         "overhead": 100 * statistics.median(float(r["flower_overhead_seconds"]) / float(r["seconds"]) for r in rows),
-        "server_mib": ends[0][1],
-        "client_mib": max(rss for _, rss in ends[1:]),
+        "server_mib": peak_rss_mib(records[0]),
+        "client_mib": max(peak_rss_mib(r) for r in records[1:]),
     }
 
 
