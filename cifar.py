@@ -408,6 +408,7 @@ def train(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     on_progress: Callable[[int, int, float], None] | None = None,
+    proximal_mu: float = 0.0,
 ) -> float:
     """Train with SGD; return the mean training loss over all steps (nan for no steps)."""
     criterion = nn.CrossEntropyLoss()
@@ -416,6 +417,7 @@ def train(
     # Losses accumulate on the device: no host sync per step, only when progress is shown
     total = torch.zeros((), device=device)
     steps = 0
+    start = [p.detach().clone() for p in net.parameters()] if proximal_mu > 0 else []
     for epoch in range(epochs):
         window = torch.zeros((), device=device)
         for i, (images, labels) in enumerate(trainloader):
@@ -423,6 +425,8 @@ def train(
             labels = labels.to(device, non_blocking=True)
             optimizer.zero_grad()
             loss = criterion(net(images), labels)
+            if start:  # FedProx: keep the local model near the global one it started from
+                loss = loss + proximal_mu / 2 * sum((p - s).pow(2).sum() for p, s in zip(net.parameters(), start))
             loss.backward()
             optimizer.step()
             window += loss.detach()

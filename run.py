@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cifar
 import client
+import federation
 import flags
 import server
 
@@ -48,6 +49,8 @@ def server_command(args, address: str) -> list[str]:
         *("--server-address", address, "--rounds", args.rounds, "--min-clients", args.min_clients),
         *("--fraction-fit", args.fraction_fit, "--run-dir", args.run_dir, "--seed", args.seed),
         *("--data-root", args.data_root, "--cache-dir", args.cache_dir),
+        *("--strategy", args.strategy, "--proximal-mu", args.proximal_mu, "--trim-beta", args.trim_beta),
+        *("--num-malicious", args.num_malicious, "--server-lr", args.server_lr),
         "--central-eval" if args.central_eval else "--no-central-eval",
         "--normalize" if args.normalize else "--no-normalize",
     ]
@@ -116,8 +119,9 @@ def main() -> None:
     parser.add_argument(
         "--port", type=flags.non_negative_int, default=8080, help="server port on 127.0.0.1 (0: any free port)"
     )
-    client.add_share_args(parser, choices=("none", *cifar.PARTITIONERS))
-    server.add_server_args(parser)
+    federation.add_share_args(parser, choices=("none", *cifar.PARTITIONERS))
+    federation.add_server_args(parser)
+    server.add_script_args(parser)
     cifar.add_data_args(parser)
     cifar.add_train_args(parser, epochs=1)
     parser.set_defaults(min_clients=None, threads=None)
@@ -128,7 +132,7 @@ def main() -> None:
     # Clients on one machine share its cores instead of oversubscribing them
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.clients)
     args.run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if args.resume is None and server.RunRecord(args.run_dir).rows():
+    if args.resume is None and federation.RunRecord(args.run_dir).rows():
         parser.error(f"--run-dir {args.run_dir} already holds a run: use --resume {args.run_dir} to continue it")
 
     # Decode the data once here so that the clients start from a warm cache, not N decodes at once
@@ -181,9 +185,9 @@ def main() -> None:
         stop([srv, *clients])
         code = 130
     echoer.join(timeout=5)
-    rows = server.RunRecord(Path(args.run_dir)).rows()
+    rows = federation.RunRecord(Path(args.run_dir)).rows()
     if rows:
-        print(server.summary_table(rows))
+        print(federation.summary_table(rows))
     print(f"Run directory: {args.run_dir}")
     sys.exit(code)
 

@@ -11,7 +11,7 @@ from conftest import ENV, ROOT, finish, free_port, run, start
 from test_federation import FAST, data_flags, rows
 
 import cifar
-import server
+import federation
 
 TEMPLATE = cifar.get_weights(cifar.Net())
 
@@ -30,11 +30,11 @@ TEMPLATE = cifar.get_weights(cifar.Net())
     ],
 )
 def test_every_kind_of_bad_update_is_named(change, examples, complaint):
-    assert complaint in server.update_problem(change(list(TEMPLATE)), TEMPLATE, examples)
+    assert complaint in federation.update_problem(change(list(TEMPLATE)), TEMPLATE, examples)
 
 
 def test_a_sound_update_passes():
-    assert server.update_problem([w * 0.5 for w in TEMPLATE], TEMPLATE, 500) is None
+    assert federation.update_problem([w * 0.5 for w in TEMPLATE], TEMPLATE, 500) is None
 
 
 @pytest.mark.parametrize(
@@ -43,11 +43,11 @@ def test_a_sound_update_passes():
      (1.0, 10, {"accuracy": 1.5}), (1.0, 10, {"accuracy": -0.1}), (1.0, 10, {}), (1.0, 0, {"accuracy": 0.5})],
 )  # fmt: skip
 def test_every_kind_of_bad_evaluation_is_refused(loss, examples, metrics):
-    assert server.evaluation_problem(loss, examples, metrics) is not None
-    assert server.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
+    assert federation.evaluation_problem(loss, examples, metrics) is not None
+    assert federation.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
 
 
-def federation(tmp_path, name, hostile=(), extra_clients=0):
+def three_rounds(tmp_path, name, hostile=(), extra_clients=0):
     """Two honest partitioned clients (plus hostile ones) for 3 rounds; returns metrics rows and server log."""
     address = f"127.0.0.1:{free_port()}"
     base = tmp_path / name
@@ -72,11 +72,11 @@ def federation(tmp_path, name, hostile=(), extra_clients=0):
 
 def test_hostile_clients_are_rejected_and_the_honest_result_is_unchanged(tiny, tmp_path):
     hostile = [("shape,nan,examples0", "nanloss,accuracy5,examples0"), ("count,inf,dtype", "accuracy5,nanloss,nanloss")]
-    codes, attacked, log = federation(tmp_path, "attacked", hostile)
+    codes, attacked, log = three_rounds(tmp_path, "attacked", hostile)
     assert codes == [0, 0, 0, 0, 0], log[-3000:]
     assert log.count("Rejected update from") == 6 and log.count("Rejected evaluation from") == 6
     assert [r["rejected"] for r in attacked] == ["2", "2", "2"]
-    codes, honest, _ = federation(tmp_path, "honest")
+    codes, honest, _ = three_rounds(tmp_path, "honest")
     assert codes == [0, 0, 0]
     for a, h in zip(attacked, honest, strict=True):
         for key in ("centralized_accuracy", "distributed_accuracy"):
