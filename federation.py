@@ -636,7 +636,10 @@ class Participant:
             self.net, self.trainloader, a.epochs, self.device, a.lr, a.momentum, a.weight_decay, proximal_mu=proximal_mu
         )
         seconds = time.perf_counter() - start
-        print(f"fit: {a.epochs} epoch(s) on {self.num_train} examples, loss {loss:.4f}, {seconds:.1f} s", flush=True)
+        prox = f", proximal mu {proximal_mu:g}" if proximal_mu else ""
+        print(
+            f"fit: {a.epochs} epoch(s) on {self.num_train} examples{prox}, loss {loss:.4f}, {seconds:.1f} s", flush=True
+        )
         metrics = {"train_loss": loss, "fit_seconds": seconds, **self.identity}
         return cifar.get_weights(self.net), self.num_train, metrics
 

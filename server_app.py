@@ -75,6 +75,7 @@ class Screened(flower.Strategy):
         self.inner, self.rounds, self.offset = inner, rounds, rounds.done
 
     def summary(self) -> None:
+        log(INFO, "\t├──> Flower's %s, every reply screened first", type(self.inner).__name__)
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -88,7 +89,7 @@ class Screened(flower.Strategy):
         for msg in replies:
             who = msg.metadata.src_node_id
             if msg.has_error():
-                log(INFO, "Client %s failed: %s", who, msg.error.reason)
+                log(INFO, "Update from client %s failed: %s", who, msg.error.reason)
                 failed += 1
                 continue
             try:
