@@ -94,6 +94,20 @@ def add_server_args(parser: flags.Parser) -> None:
         "--server-lr", type=flags.positive_float, default=0.01, help="fedadam: the server's learning rate (eta)"
     )
     parser.add_argument(
+        "--screen-factor",
+        type=flags.non_negative_float,
+        default=10.0,
+        help="distance screen: with 3+ updates in a round, reject one whose L2 distance from the current global "
+        "model is over this many times the round's median distance; 0: off",
+    )
+    parser.add_argument(
+        "--max-update-norm",
+        type=flags.non_negative_float,
+        default=1000.0,
+        help="distance screen: reject any update whose L2 distance from the current global model is over this "
+        "(honest updates of this CNN move it by well under 100); 0: off",
+    )
+    parser.add_argument(
         "--run-dir", type=Path, default=None, help="where this run's records go (default: runs/<date-time>)"
     )
 
@@ -146,6 +160,8 @@ EXPERIMENT_KEYS = (
     "trim_beta",
     "num_malicious",
     "server_lr",
+    "screen_factor",
+    "max_update_norm",
 )
 
 
@@ -209,6 +225,11 @@ def evaluation_problem(loss: float, num_examples: int, metrics: dict) -> str | N
     if not isinstance(accuracy, int | float) or not 0 <= accuracy <= 1:
         return f"reports accuracy {accuracy!r} (must be a number in [0, 1])"
     return None
+
+
+def update_distance(arrays: list[np.ndarray], weights: list[np.ndarray]) -> float:
+    """L2 distance between a client's model and the global one, over all arrays."""
+    return math.sqrt(sum(float(np.sum((a.astype(np.float64) - w) ** 2)) for a, w in zip(arrays, weights)))
 
 
 def weighted_average(metrics: list[tuple[int, dict]]) -> dict:
@@ -408,6 +429,8 @@ class Rounds:
         on_round: Callable[[dict], None] = print_round,
     ) -> None:
         self.record, self.on_round, self.num_rounds = record, on_round, args.rounds
+        self.screen_factor = getattr(args, "screen_factor", 0.0)
+        self.max_update_norm = getattr(args, "max_update_norm", 0.0)
         self.done = record.last_round()
         self.template = cifar.get_weights(cifar.make_net(args.seed, torch.device("cpu")))
         self.weights = record.load_checkpoint(self.done) if self.done else self.template
@@ -441,10 +464,31 @@ class Rounds:
             if problem:
                 log.warning("Rejected update from client %s: %s", who, problem)
             verdicts.append(problem is None)
+        self._screen_distances(updates, verdicts)
         conflict = partition_conflict({u[0]: u[3] for u, ok in zip(updates, verdicts) if ok})
         if conflict:
             log.warning("Clients disagree on partitioning: %s", conflict)
         return verdicts
+
+    def _screen_distances(self, updates: list, verdicts: list[bool]) -> None:
+        """The distance screen: refuse sound-looking updates that would drag the model far away."""
+        sound = [i for i, ok in enumerate(verdicts) if ok]
+        distance = {i: update_distance(updates[i][1], self.weights) for i in sound}
+        median = float(np.median(list(distance.values()))) if len(sound) >= 3 else 0.0
+        for i in sound:
+            why = None
+            if self.max_update_norm and distance[i] > self.max_update_norm:
+                why = f"over --max-update-norm {self.max_update_norm:g}"
+            elif self.screen_factor and median > 0 and distance[i] > self.screen_factor * median:
+                why = f"over --screen-factor {self.screen_factor:g} x the round's median {median:.3g}"
+            if why:
+                log.warning(
+                    "Rejected update from client %s: it moves the model %.3g from the global one, %s",
+                    updates[i][0],
+                    distance[i],
+                    why,
+                )
+                verdicts[i] = False
 
     def trained(self, weights: list[np.ndarray] | None, metrics: list[tuple[int, dict]], rejected: int) -> None:
         """Record the round's aggregate (None: nothing accepted, the model is kept) and checkpoint it."""

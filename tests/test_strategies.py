@@ -51,9 +51,7 @@ def test_impossible_strategy_settings_are_one_line_and_exit_code_2(tmp_path, fla
 
 
 def test_server_py_runs_fedprox_and_its_clients_train_with_the_proximal_term(tiny, tmp_path):
-    codes, logs = federate(
-        tmp_path, tiny, [(), ()], server_args=("--strategy", "fedprox", "--proximal-mu", 0.1)
-    )
+    codes, logs = federate(tmp_path, tiny, [(), ()], server_args=("--strategy", "fedprox", "--proximal-mu", 0.1))
     assert codes == [0, 0, 0], logs[0][-3000:]
     assert [int(r["round"]) for r in rows(tmp_path / "run")] == [1, 2, 3]
     assert all(log.count("proximal mu 0.1") == 3 for log in logs[1:])
