@@ -8,6 +8,7 @@ config.json, metrics.csv, plot.png and a checkpoint per round; `--resume DIR` co
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ from collections import OrderedDict
 from datetime import datetime
 from logging import WARNING
 from pathlib import Path
+from typing import NoReturn
 
 import flwr as fl
 import numpy as np
@@ -402,7 +404,11 @@ def add_server_args(parser: flags.Parser) -> None:
         "--run-dir", type=Path, default=None, help="where this run's records go (default: runs/<date-time>)"
     )
     parser.add_argument(
-        "--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last completed round"
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its last completed round; --rounds N runs it to round N",
     )
     parser.add_argument(
         "--certificates",
@@ -414,16 +420,23 @@ def add_server_args(parser: flags.Parser) -> None:
     )
 
 
-def check_resume(parser: flags.Parser, args: argparse.Namespace) -> None:
-    """--resume must name a run directory; its experiment settings replace the flags'."""
+def check_resume(parser: flags.Parser, args: argparse.Namespace, given: set[str] = frozenset()) -> None:
+    """--resume must name a run directory; its experiment settings replace the flags', but for a --rounds given
+    (in `given`), which sets the run's new total: more extends it, fewer than it has done is refused."""
     if args.resume is None:
         return
     if not (args.resume / "config.json").is_file():
         parser.error(f"--resume {args.resume}: no config.json there, not a run directory")
+    rounds = args.rounds
     saved = RunRecord(args.resume).config()
     for key in EXPERIMENT_KEYS:
         setattr(args, key, saved.get(key, getattr(args, key)))
     args.run_dir = args.resume
+    if "rounds" in given:
+        done = RunRecord(args.resume).last_round()
+        if rounds < done:
+            parser.error(f"--rounds {rounds}: {args.resume} has already completed {done} rounds")
+        args.rounds = rounds
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Namespace]:
@@ -445,8 +458,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Na
     )
     parser.add_argument("--seed", type=flags.non_negative_int, default=0, help="seeds the initial global model")
     args = parser.parse_args(argv)
-    check_resume(parser, args)
+    check_resume(parser, args, flags.given(parser, argv))
     return parser, args
+
+
+def announce_listening(address: str) -> None:
+    """Print "Listening on ADDRESS (pid N)" once Flower's gRPC server is bound: run.py waits for this line."""
+
+    def on_record(record: logging.LogRecord) -> bool:
+        # start_server logs this right after its gRPC server has bound the port and started
+        if str(record.msg).startswith("Flower ECE: gRPC server running"):
+            print(f"Listening on {address} (pid {os.getpid()})", flush=True)
+        return True
+
+    logging.getLogger("flwr").addFilter(on_record)
+
+
+def interrupted(prog: str) -> NoReturn:
+    """Ctrl-C before the rounds began: one line, exit code 130."""
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def main() -> None:
@@ -467,6 +498,8 @@ def main() -> None:
         strategy, rounds_left = build_strategy(args, record, print_round)
     except cifar.DataError as e:
         flags.die(f"{e} (or run the server with --no-central-eval)", parser.prog)
+    except KeyboardInterrupt:
+        interrupted(parser.prog)
     if rounds_left <= 0:
         print(f"{run_dir} already completed all {args.rounds} rounds")
         print(summary_table(record.rows()))
@@ -476,18 +509,34 @@ def main() -> None:
         print(f"Resuming {run_dir} after round {record.last_round()}: {rounds_left} round(s) left")
     certificates = tuple(p.read_bytes() for p in args.certificates) if args.certificates else None
 
-    fl.server.start_server(
-        server_address=args.server_address,
-        config=fl.server.ServerConfig(num_rounds=rounds_left, round_timeout=args.round_timeout),
-        strategy=strategy,
-        client_manager=WaitingClientManager(),
-        certificates=certificates,
-    )
+    announce_listening(args.server_address)
+    stopped = False  # by a signal, through Flower's handler
+    try:
+        fl.server.start_server(
+            server_address=args.server_address,
+            config=fl.server.ServerConfig(num_rounds=rounds_left, round_timeout=args.round_timeout),
+            strategy=strategy,
+            client_manager=WaitingClientManager(),
+            certificates=certificates,
+        )
+    except KeyboardInterrupt:
+        stopped = True  # a second Ctrl-C while Flower shuts down
+    except SystemExit as e:
+        # Flower's SIGINT/SIGTERM handler ends start_server with code 0 ("terminated gracefully"), rounds or not
+        if e.code not in (0, None):
+            raise
+        stopped = True
     rows = record.rows()
     print(summary_table(rows))
     print(f"Run directory: {run_dir} (config.json, metrics.csv, plot.png, checkpoints/)")
     if record.last_round() < args.rounds:
-        sys.exit(f"{parser.prog}: error: the run stopped after round {record.last_round()} of {args.rounds}")
+        message = f"{parser.prog}: error: the run stopped after round {record.last_round()} of {args.rounds}"
+        if stopped:
+            # Flower's handler also started a thread that ends the process with code 0 five seconds on: exit first
+            print(message, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        sys.exit(message)
 
 
 # ---------------------------------------------------------------- Flower App
