@@ -90,7 +90,7 @@ def main() -> None:
         hint = (
             " and that --root-certificates holds the CA that signed the server's certificate"
             if root_certificates
-            else ""
+            else "; if the server uses TLS, pass --root-certificates CA"
         )
         print(
             f"{parser.prog}: error: no server answered at {args.server_address} within "

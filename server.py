@@ -6,10 +6,13 @@ The current Flower API (a ServerApp on the Message API) is server_app.py: same r
 """
 
 import argparse
+import logging
+import os
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 import flwr as fl
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -133,7 +136,11 @@ def add_script_args(parser: flags.Parser) -> None:
         help="seconds a round waits for its clients; late ones count as failures (default: no limit)",
     )
     parser.add_argument(
-        "--resume", type=Path, default=None, metavar="RUN_DIR", help="continue a run from its last completed round"
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its last completed round; --rounds N runs it to round N",
     )
     parser.add_argument(
         "--certificates",
@@ -145,16 +152,23 @@ def add_script_args(parser: flags.Parser) -> None:
     )
 
 
-def check_resume(parser: flags.Parser, args: argparse.Namespace) -> None:
-    """--resume must name a run directory; its experiment settings replace the flags'."""
+def check_resume(parser: flags.Parser, args: argparse.Namespace, given: set[str] = frozenset()) -> None:
+    """--resume must name a run directory; its experiment settings replace the flags', but for a --rounds given
+    (in `given`), which sets the run's new total: more extends it, fewer than it has done is refused."""
     if args.resume is None:
         return
     if not (args.resume / "config.json").is_file():
         parser.error(f"--resume {args.resume}: no config.json there, not a run directory")
+    rounds = args.rounds
     saved = federation.RunRecord(args.resume).config()
     for key in federation.EXPERIMENT_KEYS:
         setattr(args, key, saved.get(key, getattr(args, key)))
     args.run_dir = args.resume
+    if "rounds" in given:
+        done = federation.RunRecord(args.resume).last_round()
+        if rounds < done:
+            parser.error(f"--rounds {rounds}: {args.resume} has already completed {done} rounds")
+        args.rounds = rounds
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Namespace]:
@@ -168,8 +182,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Na
     )
     add_script_args(parser)
     args = parser.parse_args(argv)
-    check_resume(parser, args)
+    check_resume(parser, args, flags.given(parser, argv))
     return parser, args
+
+
+def announce_listening(address: str) -> None:
+    """Print "Listening on ADDRESS (pid N)" once Flower's gRPC server is bound: run.py waits for this line."""
+
+    def on_record(record: logging.LogRecord) -> bool:
+        # start_server logs this right after its gRPC server has bound the port and started
+        if str(record.msg).startswith("Flower ECE: gRPC server running"):
+            print(f"Listening on {address} (pid {os.getpid()})", flush=True)
+        return True
+
+    logging.getLogger("flwr").addFilter(on_record)
+
+
+def interrupted(prog: str) -> NoReturn:
+    """Ctrl-C before the rounds began: one line, exit code 130."""
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def main() -> None:
@@ -184,7 +216,10 @@ def main() -> None:
     args.run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.resume is None and federation.RunRecord(args.run_dir).rows():
         parser.error(f"--run-dir {args.run_dir} already holds a run: use --resume {args.run_dir} to continue it")
-    rounds = federation.open_run(parser, args)
+    try:
+        rounds = federation.open_run(parser, args)
+    except KeyboardInterrupt:
+        interrupted(parser.prog)
     record = rounds.record
     if rounds.rounds_left <= 0:
         print(f"{args.run_dir} already completed all {args.rounds} rounds")
@@ -195,17 +230,33 @@ def main() -> None:
     certificates = tuple(p.read_bytes() for p in args.certificates) if args.certificates else None
 
     initial = ndarrays_to_parameters(rounds.weights)
-    fl.server.start_server(
-        server_address=args.server_address,
-        config=fl.server.ServerConfig(num_rounds=rounds.rounds_left, round_timeout=args.round_timeout),
-        strategy=Screened(flower_strategy(args, initial), rounds),
-        client_manager=WaitingClientManager(),
-        certificates=certificates,
-    )
+    announce_listening(args.server_address)
+    stopped = False  # by a signal, through Flower's handler
+    try:
+        fl.server.start_server(
+            server_address=args.server_address,
+            config=fl.server.ServerConfig(num_rounds=rounds.rounds_left, round_timeout=args.round_timeout),
+            strategy=Screened(flower_strategy(args, initial), rounds),
+            client_manager=WaitingClientManager(),
+            certificates=certificates,
+        )
+    except KeyboardInterrupt:
+        stopped = True  # a second Ctrl-C while Flower shuts down
+    except SystemExit as e:
+        # Flower's SIGINT/SIGTERM handler ends start_server with code 0 ("terminated gracefully"), rounds or not
+        if e.code not in (0, None):
+            raise
+        stopped = True
     print(federation.summary_table(record.rows()))
     print(f"Run directory: {args.run_dir} (config.json, metrics.csv, plot.png, checkpoints/)")
     if record.last_round() < args.rounds:
-        sys.exit(f"{parser.prog}: error: the run stopped after round {record.last_round()} of {args.rounds}")
+        message = f"{parser.prog}: error: the run stopped after round {record.last_round()} of {args.rounds}"
+        if stopped:
+            # Flower's handler also started a thread that ends the process with code 0 five seconds on: exit first
+            print(message, file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        sys.exit(message)
 
 
 if __name__ == "__main__":
