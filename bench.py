@@ -35,6 +35,7 @@ import torchvision
 
 import cifar
 import client
+import federation
 import flags
 
 HERE = Path(__file__).resolve().parent
@@ -372,7 +373,7 @@ def bench_federated(args, cache: str) -> str:
 
 def swarm_client(address: str, args: argparse.Namespace, data: cifar.Data, errors: list) -> None:
     try:
-        c = client.build_client(args, data)
+        c = client.CifarClient(federation.Participant(args, data))
         flwr.client.start_client(server_address=address, client=c.to_client())
     except Exception as e:  # noqa: BLE001  (reported by the caller, whatever it was)
         errors.append(repr(e))

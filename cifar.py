@@ -793,9 +793,8 @@ def add_train_args(parser: flags.Parser, epochs: int) -> None:
         "--threads",
         type=flags.positive_int,
         default=None,
-        # "%(default).0s" prints nothing: it only stops the help formatter from adding "(default: None)"
-        help="torch CPU threads (default: all cores; clients on one machine divide them between the client processes "
-        "running there)%(default).0s",
+        help="torch CPU threads (default: all cores; clients on one machine divide them among the client "
+        "processes running there)",
     )
     parser.add_argument(
         "--cuda-graph",

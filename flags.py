@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import NoReturn
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help, unless the help says it already or there is none (None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or (action.help and "(default:" in action.help):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are a single line on stderr (exit code 2)."""
 
     def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -47,6 +56,16 @@ positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a number
 non_negative_float = _number(float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 proportion = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+port = _number(int, lambda v: 0 <= v <= 65535, "a port in 0..65535")
+
+
+def given(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> set[str]:
+    """The destinations of the flags given on the command line, as opposed to left at their defaults."""
+    unset = object()
+    dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    # A destination already in the namespace does not get its default, so whatever is not `unset` was given
+    parsed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {k for k in dests if getattr(parsed, k) is not unset}
 
 
 def host_port(text: str) -> str:

@@ -2,26 +2,97 @@
 
     python3 run.py --clients 4 --partitioner dirichlet --alpha 0.5 --rounds 5
 
-Waits for the server before starting clients, shows each round as it ends, stops every
-process on Ctrl-C or as soon as one fails, and ends with the run's results table.
+Starts clients only once its own server says it is listening, shows each round as it ends,
+stops every process on Ctrl-C, SIGTERM or as soon as one fails, and ends with the run's
+results table. Its flags are saved in RUN_DIR/run.json, so `--resume RUN_DIR` continues the
+same experiment.
 """
 
+import argparse
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import cifar
-import client
+import federation
 import flags
 import server
 
 HERE = Path(__file__).resolve().parent
 SHOWN = ("Round ", "Waiting for clients", "Resuming", "Rejected", "ERROR", "error:")
+RUN_JSON = "run.json"  # run.py's own flags, next to the server's config.json
+# Flags that may change from one session of a run to the next; every other flag is the experiment's.
+# --rounds may change too: more rounds extend a resumed run.
+SESSION_FLAGS = ("resume", "run_dir", "port", "threads", "device", "certificates", "round_timeout")
+
+
+class Stop(Exception):
+    """Ctrl-C or SIGTERM: stop every process and exit with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGINT and SIGTERM into Stop in the main thread; deferred while a child is being started."""
+
+    def __init__(self) -> None:
+        self.holding, self.pending, self.stopping = False, 0, False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.stopping:
+            return  # the first signal's cleanup is under way
+        if self.holding:
+            self.pending = signum
+            return
+        self.stopping = True
+        raise Stop(signum)
+
+    @contextmanager
+    def hold(self):
+        """Defer a stop until the block is done, so that no child starts without being tracked."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            self.stopping = True
+            raise Stop(self.pending)
+
+
+@dataclass
+class Launch:
+    """The children to stop (each in its own session: a terminal's Ctrl-C reaches run.py alone), and the run."""
+
+    stops: StopSignals
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    echoer: threading.Thread | None = None
+    run_dir: Path | None = None
+
+    def start(self, cmd: list[str], **popen) -> subprocess.Popen:
+        """Start a child in its own session and track it; a stop waits until it is tracked."""
+        with self.stops.hold():
+            proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+            self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        stop(self.procs)
+        if self.echoer:
+            self.echoer.join(timeout=5)  # the server's last lines reach its log
 
 
 def client_command(args, address: str, i: int) -> list[str]:
@@ -48,6 +119,9 @@ def server_command(args, address: str) -> list[str]:
         *("--server-address", address, "--rounds", args.rounds, "--min-clients", args.min_clients),
         *("--fraction-fit", args.fraction_fit, "--run-dir", args.run_dir, "--seed", args.seed),
         *("--data-root", args.data_root, "--cache-dir", args.cache_dir),
+        *("--strategy", args.strategy, "--proximal-mu", args.proximal_mu, "--trim-beta", args.trim_beta),
+        *("--num-malicious", args.num_malicious, "--server-lr", args.server_lr),
+        *("--screen-factor", args.screen_factor, "--max-update-norm", args.max_update_norm),
         "--central-eval" if args.central_eval else "--no-central-eval",
         "--normalize" if args.normalize else "--no-normalize",
     ]
@@ -60,12 +134,14 @@ def server_command(args, address: str) -> list[str]:
     return [sys.executable, str(HERE / "server.py"), *map(str, cmd)]
 
 
-def echo(stream, log: Path) -> None:
-    """Copy the server's output to its log, and its progress lines to the terminal."""
-    with log.open("w") as f:
+def echo(stream, log: Path, ready: threading.Event, marker: str) -> None:
+    """Copy the server's output to its log and its progress lines to the terminal; set `ready` at `marker`."""
+    with log.open("a") as f:
         for line in stream:
             f.write(line)
             f.flush()
+            if line.startswith(marker):
+                ready.set()
             if line.startswith(SHOWN) or any(s in line for s in SHOWN[3:]):
                 print(line.rstrip(), flush=True)
 
@@ -110,26 +186,119 @@ def supervise(srv: subprocess.Popen, clients: list[subprocess.Popen], logs: list
         time.sleep(0.2)
 
 
-def main() -> None:
+# ---------------------------------------------------------------- command line
+
+
+def flag_text(key: str, value) -> str:
+    """A flag as it is typed: --epochs 5, --no-augment."""
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def as_json(value):
+    """A flag's value as run.json holds it (paths as text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Namespace, set[str]]:
+    """run.py's flags, and which of them were given on the command line."""
     parser = flags.Parser(description="Start a server and N clients on this machine and run federated learning.")
     parser.add_argument("--clients", type=flags.positive_int, default=2, help="number of client processes")
     parser.add_argument(
-        "--port", type=flags.non_negative_int, default=8080, help="server port on 127.0.0.1 (0: any free port)"
+        "--port", type=flags.port, default=0, help="server port on 127.0.0.1 (refused when in use); 0: a free one"
     )
-    client.add_share_args(parser, choices=("none", *cifar.PARTITIONERS))
-    server.add_server_args(parser)
+    federation.add_share_args(parser, choices=("none", *cifar.PARTITIONERS))
+    federation.add_server_args(parser)
+    server.add_script_args(parser)
     cifar.add_data_args(parser)
     cifar.add_train_args(parser, epochs=1)
-    parser.set_defaults(min_clients=None, threads=None)
-    args = parser.parse_args()
-    server.check_resume(parser, args)
+    # run.py computes these two from --clients, so their help says so instead of the scripts' own
+    for action in parser._actions:
+        if action.dest == "min_clients":
+            action.default, action.help = None, "clients needed to start a round (default: --clients, all of them)"
+        elif action.dest == "threads":
+            action.default, action.help = None, "torch CPU threads per client (default: cores / --clients, at least 1)"
+        elif action.dest == "resume":
+            action.help = (
+                f"continue a run from its last completed round with the flags it was started with (RUN_DIR/{RUN_JSON});"
+                " --rounds N runs it to round N"
+            )
+    args = parser.parse_args(argv)
+    return parser, args, flags.given(parser, argv)
+
+
+def restore(parser: flags.Parser, args: argparse.Namespace, given: set[str]) -> None:
+    """--resume DIR: the experiment's flags come from DIR/run.json; a given flag that contradicts them is refused."""
+    explicit = {key: as_json(getattr(args, key)) for key in given}
+    server.check_resume(parser, args, given)  # a run directory; the server's settings; --rounds
+    path = Path(args.resume) / RUN_JSON
+    if not path.is_file():
+        print(f"run.py: {path} not found (not started by run.py): the clients get the flags given", flush=True)
+        return
+    saved = json.loads(path.read_text())
+    for key, value in saved.items():
+        if key in SESSION_FLAGS or key == "rounds" or not hasattr(args, key):
+            continue
+        if key in explicit and explicit[key] != value:
+            parser.error(
+                f"{flag_text(key, explicit[key])} contradicts the run in {args.resume}, which has "
+                f"{flag_text(key, value)} ({path}): leave it out to continue the same experiment"
+            )
+        setattr(args, key, value)
+
+
+def resolve(parser: flags.Parser, args: argparse.Namespace, given: set[str]) -> None:
+    """Fill in what the flags leave open and refuse what cannot run."""
+    if args.resume is not None:
+        restore(parser, args, given)
     cifar.check_device(parser, args.device)
     args.min_clients = args.min_clients or args.clients
+    if args.min_clients > args.clients:
+        parser.error(f"--min-clients {args.min_clients} is more than --clients {args.clients}: no round could start")
     # Clients on one machine share its cores instead of oversubscribing them
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.clients)
     args.run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if args.resume is None and server.RunRecord(args.run_dir).rows():
+    if args.resume is None and federation.RunRecord(Path(args.run_dir)).rows():
         parser.error(f"--run-dir {args.run_dir} already holds a run: use --resume {args.run_dir} to continue it")
+
+
+def claim_port(parser: flags.Parser, port: int) -> int:
+    """`port` if nothing listens on it (else exit 2), or a free port for 0."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Flower's own check: TIME_WAIT is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            parser.error(f"--port {port} is in use on 127.0.0.1: choose another port, or --port 0 for a free one")
+        return s.getsockname()[1]
+
+
+def save_flags(args: argparse.Namespace) -> None:
+    """RUN_DIR/run.json: the flags that define the experiment, for --resume."""
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = {k: as_json(v) for k, v in vars(args).items() if k not in SESSION_FLAGS}
+    tmp = run_dir / (RUN_JSON + ".tmp")
+    tmp.write_text(json.dumps(saved, indent=2) + "\n")
+    os.replace(tmp, run_dir / RUN_JSON)
+
+
+# ---------------------------------------------------------------- launch
+
+
+def launch(run: Launch) -> int:
+    """Check the flags and data, start the server, then the clients once it listens; returns the exit code."""
+    parser, args, given = parse_args()
+    resolve(parser, args, given)
+    run_dir = Path(args.run_dir)
+    done = federation.RunRecord(run_dir).last_round()
+    if args.resume is not None and done >= args.rounds:
+        print(f"{run_dir} already completed all {args.rounds} rounds")
+        print(federation.summary_table(federation.RunRecord(run_dir).rows()))
+        return 0
+    port = claim_port(parser, args.port)
 
     # Decode the data once here so that the clients start from a warm cache, not N decodes at once
     print(f"Preparing data from {args.data_root}", flush=True)
@@ -138,53 +307,58 @@ def main() -> None:
     except cifar.DataError as e:
         flags.die(str(e), parser.prog)
 
-    port = args.port
-    if port == 0:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    save_flags(args)
     address = f"127.0.0.1:{port}"
-    logs_dir = Path(args.run_dir) / "logs"
+    logs_dir = run_dir / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     logs = [logs_dir / "server.log"] + [logs_dir / f"client-{i}.log" for i in range(args.clients)]
+    # A resumed run's sessions follow one another in the same logs
+    header = f"---- {datetime.now():%Y-%m-%d %H:%M:%S} run.py {' '.join(sys.argv[1:])}\n"
+    for log in logs:
+        with log.open("a") as f:
+            f.write(header)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     print(
         f"Starting the server on {address} ({args.rounds} rounds, {args.clients} clients, {args.partitioner} partitions)"
     )
-    srv = subprocess.Popen(
-        server_command(args, address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    run.run_dir = run_dir
+    srv = run.start(server_command(args, address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ready = threading.Event()
+    # The server's own line, on its own output: a foreign server on the port can never pass for it
+    run.echoer = threading.Thread(
+        target=echo, args=(srv.stdout, logs[0], ready, f"Listening on {address} (pid {srv.pid})"), daemon=True
     )
-    echoer = threading.Thread(target=echo, args=(srv.stdout, logs[0]), daemon=True)
-    echoer.start()
-    clients: list[subprocess.Popen] = []
-    code = 1
+    run.echoer.start()
+    while not ready.wait(timeout=0.2):
+        if srv.poll() is not None:
+            run.echoer.join(timeout=5)
+            print(f"run.py: the server exited with code {srv.returncode} before it listened:\n{tail(logs[0])}")
+            return 1
+    print(f"Server ready (pid {srv.pid}); starting {args.clients} clients (logs in {logs_dir})", flush=True)
+    clients = []
+    for i in range(args.clients):
+        with logs[i + 1].open("a") as log:
+            clients.append(run.start(client_command(args, address, i), stdout=log, stderr=subprocess.STDOUT, env=env))
+    code = supervise(srv, clients, logs)
+    run.echoer.join(timeout=5)
+    return code
+
+
+def main() -> None:
+    run = Launch(StopSignals())
     try:
-        ca = args.certificates[0].read_bytes() if args.certificates else None
-        while not client.wait_for_server(address, ca, timeout=1.0, quiet=True):
-            if srv.poll() is not None:
-                echoer.join(timeout=5)
-                print(f"run.py: the server exited with code {srv.returncode} before it was ready:\n{tail(logs[0])}")
-                sys.exit(1)
-        print(f"Server ready; starting {args.clients} clients (logs in {logs_dir})", flush=True)
-        for i in range(args.clients):
-            with logs[i + 1].open("w") as log:
-                clients.append(
-                    subprocess.Popen(client_command(args, address, i), stdout=log, stderr=subprocess.STDOUT, env=env)
-                )
-        code = supervise(srv, clients, logs)
-    except KeyboardInterrupt:
-        print("\nrun.py: interrupted; stopping the server and clients", flush=True)
-        srv.send_signal(signal.SIGINT)
-        stop([srv, *clients])
-        code = 130
-    echoer.join(timeout=5)
-    rows = server.RunRecord(Path(args.run_dir)).rows()
-    if rows:
-        print(server.summary_table(rows))
-    print(f"Run directory: {args.run_dir}")
+        code = launch(run)
+    except Stop as e:
+        what = "interrupted" if e.signum == signal.SIGINT else "terminated"
+        print(f"\nrun.py: {what}" + ("; stopping the server and clients" if run.procs else ""), flush=True)
+        run.stop()
+        code = 128 + e.signum
+    if run.procs:
+        rows = federation.RunRecord(run.run_dir).rows()
+        if rows:
+            print(federation.summary_table(rows))
+        print(f"Run directory: {run.run_dir}")
     sys.exit(code)
 
 

@@ -12,9 +12,22 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import wait_for_server
 
+# What an honest client reports besides its model (federation.TRAIN_METRICS): a poisoner mimics it
+HONEST_METRICS = {"train_loss": 1.0, "fit_seconds": 1.0, "partition_id": -1, "num_partitions": 0, "partition_scheme": 0}
+
+
+def poisoned(weights: list[np.ndarray], distance: float, seed: int) -> list[np.ndarray]:
+    """The global model pushed `distance` (L2) along a random direction: finite, well-formed, ruinous."""
+    rng = np.random.default_rng(seed)
+    direction = [rng.standard_normal(w.shape) for w in weights]
+    scale = distance / np.sqrt(sum(float(np.sum(d**2)) for d in direction))
+    return [(w + scale * d).astype(w.dtype) for w, d in zip(weights, direction)]
+
 
 def bad_update(kind: str, weights: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
     w = [a.copy() for a in weights]
+    if kind.startswith("far"):  # far<distance>, e.g. far1e4
+        return poisoned(w, float(kind[3:]), seed=len(kind)), 135
     if kind == "shape":
         w[0] = np.zeros((7, 7), dtype=np.float32)
     elif kind == "count":
@@ -34,6 +47,7 @@ def bad_update(kind: str, weights: list[np.ndarray]) -> tuple[list[np.ndarray], 
 
 def bad_evaluation(kind: str) -> tuple[float, int, dict]:
     return {
+        "honest": (2.3, 15, {"accuracy": 0.1}),
         "nanloss": (float("nan"), 100, {"accuracy": 0.5}),
         "accuracy5": (1.0, 100, {"accuracy": 5.0}),
         "examples0": (1.0, 0, {"accuracy": 0.5}),
@@ -45,8 +59,9 @@ class Hostile(fl.client.NumPyClient):
         self.updates, self.evals = updates, evals
 
     def fit(self, parameters, config):
-        weights, n = bad_update(self.updates.pop(0), parameters)
-        return weights, n, {}
+        kind = self.updates.pop(0)
+        weights, n = bad_update(kind, parameters)
+        return weights, n, HONEST_METRICS if kind.startswith("far") else {}
 
     def evaluate(self, parameters, config):
         return bad_evaluation(self.evals.pop(0))

@@ -42,10 +42,10 @@ def run_config(tiny, tmp_path, rounds=2, **extra) -> str:
     return " ".join(f"{k}={v}" for k, v in items.items())
 
 
-def flwr_run(env, *args, log: Path, timeout=300) -> int:
+def flwr_run(env, *args, log: Path, timeout=300, app: Path = ROOT) -> int:
     with log.open("w") as f:
         return subprocess.run(
-            [str(FLWR_BIN / "flwr"), "run", str(ROOT), *args, "--stream"],
+            [str(FLWR_BIN / "flwr"), "run", str(app), *args, "--stream"],
             cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False,
         ).returncode  # fmt: skip
 

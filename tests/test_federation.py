@@ -190,20 +190,19 @@ def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"round-00{i}.pt" for i in (1, 2, 3)]
 
 
-def test_a_resumed_strategy_starts_from_the_last_checkpoint_with_the_rounds_left(tiny, tmp_path):
+def test_resumed_rounds_start_from_the_last_checkpoint_with_the_rounds_left(tmp_path):
     import argparse
 
     import numpy as np
 
-    import server
+    import federation
 
-    record = server.RunRecord(tmp_path)
+    record = federation.RunRecord(tmp_path)
     record.create({})
     weights = [w + 1 for w in cifar.get_weights(cifar.Net())]
     record.save_checkpoint(1, weights)
     record.append({"round": 1, "seconds": 1.0})
-    cfg = argparse.Namespace(rounds=3, seed=0, central_eval=False, fraction_fit=1.0, min_clients=2)
-    strategy, left = server.build_strategy(cfg, record)
-    assert left == 2 and strategy.offset == 1
-    initial = server.parameters_to_ndarrays(strategy.initialize_parameters(None))
-    assert all(np.array_equal(a, b) for a, b in zip(initial, weights))
+    args = argparse.Namespace(rounds=3, seed=0, central_eval=False)
+    rounds = federation.Rounds(args, record)
+    assert rounds.done == 1 and rounds.rounds_left == 2
+    assert all(np.array_equal(a, b) for a, b in zip(rounds.weights, weights))

@@ -11,7 +11,7 @@ from conftest import ENV, ROOT, finish, free_port, run, start
 from test_federation import FAST, data_flags, rows
 
 import cifar
-import server
+import federation
 
 TEMPLATE = cifar.get_weights(cifar.Net())
 
@@ -30,11 +30,11 @@ TEMPLATE = cifar.get_weights(cifar.Net())
     ],
 )
 def test_every_kind_of_bad_update_is_named(change, examples, complaint):
-    assert complaint in server.update_problem(change(list(TEMPLATE)), TEMPLATE, examples)
+    assert complaint in federation.update_problem(change(list(TEMPLATE)), TEMPLATE, examples)
 
 
 def test_a_sound_update_passes():
-    assert server.update_problem([w * 0.5 for w in TEMPLATE], TEMPLATE, 500) is None
+    assert federation.update_problem([w * 0.5 for w in TEMPLATE], TEMPLATE, 500) is None
 
 
 @pytest.mark.parametrize(
@@ -43,21 +43,24 @@ def test_a_sound_update_passes():
      (1.0, 10, {"accuracy": 1.5}), (1.0, 10, {"accuracy": -0.1}), (1.0, 10, {}), (1.0, 0, {"accuracy": 0.5})],
 )  # fmt: skip
 def test_every_kind_of_bad_evaluation_is_refused(loss, examples, metrics):
-    assert server.evaluation_problem(loss, examples, metrics) is not None
-    assert server.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
+    assert federation.evaluation_problem(loss, examples, metrics) is not None
+    assert federation.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
 
 
-def federation(tmp_path, name, hostile=(), extra_clients=0):
-    """Two honest partitioned clients (plus hostile ones) for 3 rounds; returns metrics rows and server log."""
+def three_rounds(tmp_path, name, hostile=(), honest=2, server_args=()):
+    """Honest partitioned clients (plus hostile ones) for 3 rounds; returns exit codes, metrics rows, server log."""
     address = f"127.0.0.1:{free_port()}"
     base = tmp_path / name
     base.mkdir()
     common = ("--server-address", address, *data_flags(tmp_path.parent / "tiny0", tmp_path / "cache"))
-    n = 2 + len(hostile)
-    procs = [start("server.py", *common, "--min-clients", n, "--run-dir", base / "run", log=base / "server.log")]
-    for i in range(2):
+    n = honest + len(hostile)
+    procs = [
+        start("server.py", *common, "--min-clients", n, "--run-dir", base / "run", *server_args,
+              log=base / "server.log")
+    ]  # fmt: skip
+    for i in range(honest):
         procs.append(
-            start("client.py", *common, *FAST, "--threads", 1, "--num-partitions", 2, "--partition-id", i,
+            start("client.py", *common, *FAST, "--threads", 1, "--num-partitions", honest, "--partition-id", i,
                   log=base / f"client{i}.log")
         )  # fmt: skip
     for j, (updates, evals) in enumerate(hostile):
@@ -72,11 +75,11 @@ def federation(tmp_path, name, hostile=(), extra_clients=0):
 
 def test_hostile_clients_are_rejected_and_the_honest_result_is_unchanged(tiny, tmp_path):
     hostile = [("shape,nan,examples0", "nanloss,accuracy5,examples0"), ("count,inf,dtype", "accuracy5,nanloss,nanloss")]
-    codes, attacked, log = federation(tmp_path, "attacked", hostile)
+    codes, attacked, log = three_rounds(tmp_path, "attacked", hostile)
     assert codes == [0, 0, 0, 0, 0], log[-3000:]
     assert log.count("Rejected update from") == 6 and log.count("Rejected evaluation from") == 6
     assert [r["rejected"] for r in attacked] == ["2", "2", "2"]
-    codes, honest, _ = federation(tmp_path, "honest")
+    codes, honest, _ = three_rounds(tmp_path, "honest")
     assert codes == [0, 0, 0]
     for a, h in zip(attacked, honest, strict=True):
         for key in ("centralized_accuracy", "distributed_accuracy"):
@@ -168,3 +171,37 @@ def test_fifty_clients_on_one_server_are_all_aggregated_every_round(tiny, tmp_pa
     text = report.read_text()
     assert "Every round aggregated all 50 clients: **yes**" in text
     assert text.count("| 50 | 0 |") == 2  # two rounds, 50 aggregated, none rejected
+
+
+POISON = ("far1e4,far1e4,far1e4", "honest,honest,honest")  # a model-replacement attack, every round
+
+
+def test_a_poisoner_far_from_the_others_is_screened_out_and_the_honest_result_is_unchanged(tiny, tmp_path):
+    codes, attacked, log = three_rounds(tmp_path, "attacked", [POISON])
+    assert codes == [0, 0, 0, 0], log[-3000:]
+    assert log.count("it moves the model 1e+04 from the global one, over --max-update-norm 1000") == 3
+    assert [(r["fit_clients"], r["rejected"]) for r in attacked] == [("2", "1")] * 3
+    codes, honest, _ = three_rounds(tmp_path, "honest")
+    assert codes == [0, 0, 0]
+    assert [r["centralized_accuracy"] for r in attacked] == [r["centralized_accuracy"] for r in honest]
+
+
+def test_a_closer_poisoner_is_caught_by_the_median_rule(tiny, tmp_path):
+    codes, attacked, log = three_rounds(tmp_path, "attacked", [("far500,far500,far500", "honest,honest,honest")])
+    assert codes == [0, 0, 0, 0], log[-3000:]
+    assert log.count("over --screen-factor 10 x the round's median") == 3
+    assert float(attacked[-1]["centralized_accuracy"]) > 0.3
+
+
+@pytest.mark.parametrize("strategy, honest", [("fedmedian", 4), ("krum", 4)])
+def test_robust_strategies_without_the_screen_withstand_the_poisoner(tiny, tmp_path, strategy, honest):
+    unscreened = ("--screen-factor", 0, "--max-update-norm", 0, "--strategy", strategy, "--num-malicious", 1)
+    codes, attacked, log = three_rounds(tmp_path, "attacked", [POISON], honest=honest, server_args=unscreened)
+    assert codes == [0] * (honest + 2), log[-3000:]
+    assert "moves the model" not in log  # the strategy alone bore it
+    codes, clean, _ = three_rounds(tmp_path, "honest", honest=honest)
+    assert codes == [0] * (honest + 1)
+    # The tiny test set has 100 images (one image is one point): judge by the loss, and the accuracy loosely
+    a, c = attacked[-1], clean[-1]
+    assert float(a["centralized_loss"]) == pytest.approx(float(c["centralized_loss"]), rel=0.1)
+    assert abs(float(a["centralized_accuracy"]) - float(c["centralized_accuracy"])) <= 0.1

@@ -1,0 +1,159 @@
+"""Flower ServerApp on the Message API: the same experiment as server.py, for `flwr run`.
+
+Runs on the Simulation Engine (`flwr run .`) and the Deployment Engine (a SuperLink with SuperNodes).
+The run config in pyproject.toml mirrors server.py's flags and is parsed by the same code; the run
+directory, checks, strategies and resume are federation.py's, as for server.py.
+"""
+
+from collections.abc import Iterable
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import strategy as flower
+
+import federation
+
+APP_RUNS = "~/flower-cifar/runs"  # where the App's runs go unless run-dir says otherwise
+# Run-config keys named differently from server.py's flags; None: a client's key, not the server's
+RENAMES = {"num-server-rounds": "rounds", "server-device": "device", "device": None}
+
+app = ServerApp()
+
+
+def average_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of the losses and accuracies in the replies."""
+    pairs = [(int(c["metrics"][weight_key]), dict(c["metrics"])) for c in contents]
+    return MetricRecord(federation.weighted_average(pairs))
+
+
+def flower_strategy(args) -> flower.Strategy:
+    """The chosen strategy, Flower's own Message-API implementation of it."""
+    sampling = {
+        "fraction_train": args.fraction_fit,
+        "fraction_evaluate": args.fraction_fit,
+        "min_train_nodes": args.min_clients,
+        "min_evaluate_nodes": args.min_clients,
+        "min_available_nodes": args.min_clients,
+        "train_metrics_aggr_fn": average_metrics,
+        "evaluate_metrics_aggr_fn": average_metrics,
+    }
+    f = args.num_malicious
+    return {
+        "fedavg": lambda: flower.FedAvg(**sampling),
+        "fedprox": lambda: flower.FedProx(**sampling, proximal_mu=args.proximal_mu),
+        "fedadam": lambda: flower.FedAdam(**sampling, eta=args.server_lr),
+        "fedmedian": lambda: flower.FedMedian(**sampling),
+        "fedtrimmedavg": lambda: flower.FedTrimmedAvg(**sampling, beta=args.trim_beta),
+        "krum": lambda: flower.Krum(**sampling, num_malicious_nodes=f),
+        "bulyan": lambda: flower.Bulyan(**sampling, num_malicious_nodes=f),
+    }[args.strategy]()
+
+
+def unpack_update(content: RecordDict) -> tuple[list, int, dict]:
+    """A train reply's (arrays in the model's order, num-examples, metrics); ValueError names what is wrong."""
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise ValueError("must hold exactly one ArrayRecord and one MetricRecord")
+    arrays = next(iter(content.array_records.values()))
+    keys = federation.model_keys()
+    if list(arrays.keys()) != keys:
+        raise ValueError(f"holds arrays {list(arrays.keys())}, the model's are {keys}")
+    metrics = dict(next(iter(content.metric_records.values())))
+    expected = {"num-examples", *federation.TRAIN_METRICS}
+    if set(metrics) != expected:
+        raise ValueError(f"reports metrics {sorted(metrics)}, expected {sorted(expected)}")
+    return arrays.to_numpy_ndarrays(), metrics.pop("num-examples"), metrics
+
+
+class Screened(flower.Strategy):
+    """Flower's strategy, fed only screened replies; `federation.Rounds` keeps the records."""
+
+    def __init__(self, inner: flower.Strategy, rounds: federation.Rounds) -> None:
+        self.inner, self.rounds, self.offset = inner, rounds, rounds.done
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> Flower's %s, every reply screened first", type(self.inner).__name__)
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        messages = self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        self.rounds.begin(server_round + self.offset)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        updates, failed = [], 0
+        for msg in replies:
+            who = msg.metadata.src_node_id
+            if msg.has_error():
+                log(INFO, "Update from client %s failed: %s", who, msg.error.reason)
+                failed += 1
+                continue
+            try:
+                arrays, num_examples, metrics = unpack_update(msg.content)
+            except (ValueError, KeyError, TypeError) as e:
+                arrays, num_examples, metrics = [], 0, {}
+                federation.log.warning("Rejected update from client %s: the reply %s", who, e)
+            updates.append((msg, (str(who), arrays, num_examples, metrics)))
+        sound = [(msg, u) for msg, u in updates if u[1]]
+        verdicts = self.rounds.screen_updates([u for _, u in sound])
+        accepted = [(msg, u) for (msg, u), ok in zip(sound, verdicts) if ok]
+        arrays, metrics = (None, None)
+        if accepted:
+            arrays, metrics = self.inner.aggregate_train(server_round + self.offset, [m for m, _ in accepted])
+        weights = None if arrays is None else [arrays[k].numpy() for k in federation.model_keys()]
+        self.rounds.trained(weights, [(u[2], u[3]) for _, u in accepted], len(replies) - len(accepted))
+        return ArrayRecord(federation.state_dict(self.rounds.weights)), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        accepted = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            try:
+                m = dict(msg.content["metrics"])
+                n, loss = m.pop("num-examples"), m.pop("loss")
+            except (KeyError, TypeError):
+                n, loss, m = 0, float("nan"), {}
+            if self.rounds.screen_evaluation(str(msg.metadata.src_node_id), loss, n, m):
+                accepted.append((n, loss, m))
+        loss, metrics = self.rounds.evaluated(accepted)
+        return None if loss is None else MetricRecord({"loss": loss, **metrics})
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's evaluate_fn, called after every round: central evaluation, then the round's records."""
+        if server_round == 0:
+            return None  # the starting model is no round's result
+        result = self.rounds.central()
+        self.rounds.end()
+        return None if result is None else MetricRecord({"loss": result[0], "accuracy": result[1]})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run (or continue) the experiment that the run config describes."""
+    parser = federation.server_parser("The Flower App's server: pyproject.toml's run config, as server.py's flags.")
+    args = federation.args_from_config(parser, context.run_config, RENAMES)
+    # A run-dir that already holds rounds is continued, as server.py --resume does
+    args.run_dir = Path(str(args.run_dir or f"{APP_RUNS}/{datetime.now():%Y%m%d-%H%M%S}")).expanduser().resolve()
+    args.data_root = str(Path(args.data_root).expanduser())
+    rounds = federation.open_run(parser, args)
+    if rounds.rounds_left <= 0:
+        log(INFO, "%s already completed all %s rounds", args.run_dir, args.rounds)
+        return
+    if rounds.done:
+        log(INFO, "Resuming %s after round %s: %s round(s) left", args.run_dir, rounds.done, rounds.rounds_left)
+    strategy = Screened(flower_strategy(args), rounds)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(federation.state_dict(rounds.weights)),
+        num_rounds=rounds.rounds_left,
+        evaluate_fn=strategy.end_round,
+    )
+    log(INFO, "Run directory: %s (config.json, metrics.csv, plot.png, checkpoints/)", args.run_dir)

@@ -1,0 +1,147 @@
+"""Flower's strategies in both faces, and every reply screened before any strategy sees it."""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run
+from test_app import app_env, flwr_run, run_config
+from test_cifar import one_line_error
+from test_federation import federate, processes_with, rows
+
+import cifar
+import federation
+
+LEGACY = (
+    "flwr.compat",
+    "NumPyClient",
+    "Client",
+    "flwr.server.strategy",
+    "ServerAppComponents",
+    "server_fn",
+    "client_fn",
+)
+
+
+@pytest.mark.parametrize("name", ["server_app.py", "client_app.py"])
+def test_the_flower_app_is_built_on_the_message_api_alone(name):
+    source = (ROOT / name).read_text()
+    assert "@app.main()" in source or ("@app.train()" in source and "@app.evaluate()" in source)
+    for legacy in LEGACY:
+        assert not re.search(rf"\b{re.escape(legacy)}\b", source), f"{name} uses {legacy}"
+
+
+@pytest.mark.parametrize(
+    "flags, complaint",
+    [
+        (("--strategy", "bulyan", "--num-malicious", 1, "--min-clients", 6), "needs --min-clients >= 7"),
+        (("--strategy", "krum", "--num-malicious", 2, "--min-clients", 6), "needs --min-clients >= 7"),
+        (("--strategy", "fedtrimmedavg", "--trim-beta", 0.5), "--trim-beta"),
+        (("--strategy", "fedsgd",), "--strategy"),
+    ],
+)  # fmt: skip
+def test_impossible_strategy_settings_are_one_line_and_exit_code_2(tmp_path, flags, complaint):
+    line = one_line_error(run("server.py", *flags, "--no-central-eval", "--run-dir", tmp_path / "run"))
+    assert complaint in line and not (tmp_path / "run").exists()
+
+
+def test_server_py_runs_fedprox_and_its_clients_train_with_the_proximal_term(tiny, tmp_path):
+    codes, logs = federate(tmp_path, tiny, [(), ()], server_args=("--strategy", "fedprox", "--proximal-mu", 0.1))
+    assert codes == [0, 0, 0], logs[0][-3000:]
+    assert [int(r["round"]) for r in rows(tmp_path / "run")] == [1, 2, 3]
+    assert all(log.count("proximal mu 0.1") == 3 for log in logs[1:])
+    assert float(rows(tmp_path / "run")[-1]["centralized_accuracy"]) > 0.2  # chance is 0.1
+
+
+def test_clients_that_disagree_on_partitioning_are_reported_by_the_server(tiny, tmp_path):
+    shares = [
+        ("--num-partitions", 2, "--partition-id", i, "--partitioner", p) for i, p in ((0, "iid"), (1, "dirichlet"))
+    ]
+    codes, logs = federate(tmp_path, tiny, shares, server_args=("--rounds", 1))
+    assert codes == [0, 0, 0], logs[0][-3000:]
+    assert "Clients disagree on partitioning: clients use different --partitioner" in logs[0]
+
+
+def test_partitions_from_one_scheme_agree_and_a_duplicate_id_does_not():
+    scheme = federation.partition_scheme("iid", 3, 0.5, 0)
+    same = {str(i): {"partition_id": i, "num_partitions": 3, "partition_scheme": scheme} for i in range(3)}
+    assert federation.partition_conflict(same) is None
+    same["2"]["partition_id"] = 1
+    assert "same partition" in federation.partition_conflict(same)
+    whole = {"a": {"partition_id": -1, "num_partitions": 0}, "b": same["0"]}
+    assert "whole set" in federation.partition_conflict(whole)
+
+
+def test_a_round_whose_every_update_is_rejected_keeps_the_model_and_says_so(tmp_path, caplog):
+    rounds = federation.Rounds(argparse.Namespace(rounds=2, seed=0, central_eval=False), federation.RunRecord(tmp_path))
+    rounds.record.create({})
+    before = [w.copy() for w in rounds.weights]
+    rounds.begin(1)
+    bad = [w.copy() for w in before]
+    bad[0][:] = np.nan
+    assert rounds.screen_updates([("7", bad, 10, {}), ("8", before[:-1], 10, {})]) == [False, False]
+    rounds.trained(None, [], rejected=2)
+    rounds.evaluated([])
+    rounds.end()
+    assert all(np.array_equal(a, b) for a, b in zip(rounds.weights, before))
+    row = rows(tmp_path)[0]
+    assert (row["fit_clients"], row["rejected"]) == ("0", "2")
+    saved = torch_load(rounds.record.checkpoint(1))
+    assert all(np.array_equal(a, b) for a, b in zip(saved, before))
+    assert "Rejected update from client 7: array 0 holds NaN" in caplog.text
+
+
+def torch_load(path: Path) -> list[np.ndarray]:
+    import torch
+
+    return [v.numpy() for v in torch.load(path, weights_only=True).values()]
+
+
+def simulate(tmp_path, tiny, app: Path = ROOT, nodes: int = 3, **config) -> tuple[int, str]:
+    """`flwr run` on the Simulation Engine with `nodes` SuperNodes; returns (exit code, log)."""
+    env = app_env(tmp_path / "flwr-home")
+    try:
+        code = flwr_run(
+            env,
+            "--run-config", run_config(tiny, tmp_path, **{"min-clients": nodes}, **config),
+            "--federation-config", f"num-supernodes={nodes}",
+            log=tmp_path / "flwr.log", app=app,
+        )  # fmt: skip
+    finally:  # the local SuperLink that `flwr run` started detaches: stop it
+        for pid in processes_with("flower-superlink", str(tmp_path / "flwr-home")):
+            os.kill(pid, signal.SIGTERM)
+    return code, (tmp_path / "flwr.log").read_text()
+
+
+def test_the_app_screens_a_hostile_node_every_round_and_the_run_completes(tiny, tmp_path):
+    app = tmp_path / "hostile-app"
+    app.mkdir()
+    for f in [*ROOT.glob("*.py"), ROOT / "tests" / "hostile_app.py"]:
+        shutil.copy(f, app)
+    toml = (ROOT / "pyproject.toml").read_text().replace('"client_app:app"', '"hostile_app:app"')
+    (app / "pyproject.toml").write_text(toml)
+    code, log = simulate(tmp_path, tiny, app=app, rounds=4, partitioner="'iid'", holdout=0.2)
+    assert code == 0, log[-4000:]
+    table = rows(tmp_path / "run")
+    assert [int(r["round"]) for r in table] == [1, 2, 3, 4]
+    assert all((r["fit_clients"], r["rejected"]) == ("2", "1") for r in table)
+    for complaint in ("reports metrics", "array 9 holds NaN or Inf", "holds arrays", "claims 1000000000000"):
+        assert complaint in log, complaint
+    assert log.count("Rejected evaluation from client") == 4
+    assert float(table[-1]["centralized_accuracy"]) > 0.3
+
+
+def test_the_app_runs_fedmedian_on_the_simulation_engine(tiny, tmp_path):
+    code, log = simulate(tmp_path, tiny, strategy="'fedmedian'")
+    assert code == 0, log[-4000:]
+    assert "FedMedian" in log
+    table = rows(tmp_path / "run")
+    assert [int(r["round"]) for r in table] == [1, 2] and all(r["fit_clients"] == "3" for r in table)
+    assert float(table[-1]["centralized_accuracy"]) > 0.2
+    assert federation.RunRecord(tmp_path / "run").config()["strategy"] == "fedmedian"
+    assert cifar.Net().load_state_dict(__import__("torch").load(tmp_path / "run" / "checkpoints" / "round-002.pt"))
