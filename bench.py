@@ -216,18 +216,18 @@ def centralized(cmd: list[str], env: dict | None = None) -> dict:
     }
 
 
-def load_note(start: tuple[float, float, float]) -> str:
-    end = os.getloadavg()
+def load_note(start: float) -> str:
+    """What else ran: the 1-minute load average when the measurements started and when they ended."""
     return (
-        f"Load average over the run: {start[1]:.1f} at its start, {end[1]:.1f} at its end (5-minute averages, "
-        f"{os.cpu_count()} cores; above the core count, other work shared the machine and times are inflated, "
+        f"1-minute load average: {start:.1f} when the runs started, {os.getloadavg()[0]:.1f} when they ended "
+        f"({os.cpu_count()} cores; above the core count other work shared the machine and times are inflated, "
         "peak memory is not)."
     )
 
 
 def bench_pipeline(args, cache: str) -> str:
     """cifar.py's variants against the tutorial's own cifar.py, alternating, on each device."""
-    load_start = os.getloadavg()
+    load_start = os.getloadavg()[0]
     data_flags = ("--data-root", args.data_root, "--cache-dir", cache, "--epochs", args.epochs)
     runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,8 +301,10 @@ def federated(data_root: str, cache: str, setup: str, workdir: Path) -> dict:
     """Server + 2 clients, 3 rounds, the tutorial's experiment; wall time from start to all exited."""
     address, run_dir = free_address(), Path(tempfile.mkdtemp(dir=workdir)) / "run"
     data = ("--data-root", data_root, "--cache-dir", cache)
-    # The project's clients run as the README shows them, without thread flags: they share the cores themselves
-    client_flags = ("--pipeline", "tutorial") if setup == "tutorial" else ()
+    # The project's clients run as the README shows them, without thread flags: they share the cores themselves.
+    # The tutorial's each take torch's default, as its own client.py does
+    tutorial = ("--pipeline", "tutorial", "--threads", torch.get_num_threads())
+    client_flags = tutorial if setup == "tutorial" else ()
     quiet = {"env": ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     records = [run_dir.parent / f"rss-{i}" for i in range(3)]
     server = script("server.py", "--server-address", address, "--run-dir", run_dir, "--no-central-eval", *data)
@@ -327,7 +329,7 @@ def federated(data_root: str, cache: str, setup: str, workdir: Path) -> dict:
 
 
 def bench_federated(args, cache: str) -> str:
-    load_start = os.getloadavg()
+    load_start = os.getloadavg()[0]
     fed: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -341,7 +343,8 @@ def bench_federated(args, cache: str) -> str:
         "",
         (
             f"`python3 bench.py federated --data-root {args.data_root} --setups {' '.join(args.setups)} "
-            f"--repeats {args.repeats}`. Tutorial setup: `client.py --pipeline tutorial`. Project: the README's "
+            f"--repeats {args.repeats}`. Tutorial setup: `client.py --pipeline tutorial --threads "
+            f"{torch.get_num_threads()}` (torch's default, as in the tutorial's own client). Project: the README's "
             "commands as written, `server.py` and `client.py` without thread flags. The server runs "
             "`--no-central-eval` in both, as the tutorial's has none. Wall time from starting the three processes "
             "until all have exited. Flower's overhead is a round's wall time minus its slowest client's fit and "
