@@ -23,6 +23,10 @@ import cifar
 import federation
 import flags
 
+# gRPC refuses any message above this before it is decoded; the model is 62,006 float32 (248 KB), so 16 MiB
+# leaves room to spare while a client can no longer make the server buffer flwr's default of 2 GiB per message
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 
 def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> legacy.Strategy:
     """The chosen strategy, Flower's own implementation of it."""
@@ -239,6 +243,7 @@ def main() -> None:
             strategy=Screened(flower_strategy(args, initial), rounds),
             client_manager=WaitingClientManager(),
             certificates=certificates,
+            grpc_max_message_length=MAX_MESSAGE_BYTES,
         )
     except KeyboardInterrupt:
         stopped = True  # a second Ctrl-C while Flower shuts down
