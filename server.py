@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
@@ -47,7 +48,8 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
         "fedmedian": lambda: legacy.FedMedian(**sampling),
         "fedtrimmedavg": lambda: legacy.FedTrimmedAvg(**sampling, beta=args.trim_beta),
         "krum": lambda: legacy.Krum(**sampling, num_malicious_clients=f),
-        "bulyan": lambda: legacy.Bulyan(**sampling, num_malicious_clients=f),
+        # Bulyan's first rule is Krum, whose `to_keep` legacy Bulyan does not pass by itself (flwr 1.42)
+        "bulyan": lambda: legacy.Bulyan(**sampling, num_malicious_clients=f, to_keep=0),
     }[args.strategy]()
 
 
@@ -252,6 +254,10 @@ def main() -> None:
         if e.code not in (0, None):
             raise
         stopped = True
+    except Exception:  # noqa: BLE001  (a bug: show it, and end the process, which gRPC threads would keep alive)
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
     print(federation.summary_table(record.rows()))
     print(f"Run directory: {args.run_dir} (config.json, metrics.csv, plot.png, checkpoints/)")
     if record.last_round() < args.rounds:
