@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
@@ -22,6 +23,10 @@ from flwr.server.client_manager import SimpleClientManager
 import cifar
 import federation
 import flags
+
+# gRPC refuses any message above this before it is decoded; the model is 62,006 float32 (248 KB), so 16 MiB
+# leaves room to spare while a client can no longer make the server buffer flwr's default of 2 GiB per message
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> legacy.Strategy:
@@ -43,7 +48,8 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
         "fedmedian": lambda: legacy.FedMedian(**sampling),
         "fedtrimmedavg": lambda: legacy.FedTrimmedAvg(**sampling, beta=args.trim_beta),
         "krum": lambda: legacy.Krum(**sampling, num_malicious_clients=f),
-        "bulyan": lambda: legacy.Bulyan(**sampling, num_malicious_clients=f),
+        # Bulyan's first rule is Krum, whose `to_keep` legacy Bulyan does not pass by itself (flwr 1.42)
+        "bulyan": lambda: legacy.Bulyan(**sampling, num_malicious_clients=f, to_keep=0),
     }[args.strategy]()
 
 
@@ -239,6 +245,7 @@ def main() -> None:
             strategy=Screened(flower_strategy(args, initial), rounds),
             client_manager=WaitingClientManager(),
             certificates=certificates,
+            grpc_max_message_length=MAX_MESSAGE_BYTES,
         )
     except KeyboardInterrupt:
         stopped = True  # a second Ctrl-C while Flower shuts down
@@ -247,6 +254,10 @@ def main() -> None:
         if e.code not in (0, None):
             raise
         stopped = True
+    except Exception:  # noqa: BLE001  (a bug: show it, and end the process, which gRPC threads would keep alive)
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
     print(federation.summary_table(record.rows()))
     print(f"Run directory: {args.run_dir} (config.json, metrics.csv, plot.png, checkpoints/)")
     if record.last_round() < args.rounds:

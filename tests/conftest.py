@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 60, proc: subprocess.Popen | None = None) -> float:
+    """Seconds until `host:port` accepts a TCP connection; fails the test after `timeout` or if `proc` exits."""
+    began = time.monotonic()
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return time.monotonic() - began
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"the process meant to listen on {host}:{port} exited with {proc.returncode}")
+            if time.monotonic() - began > timeout:
+                raise AssertionError(f"nothing listens on {host}:{port} after {timeout} s") from None
+            time.sleep(0.05)
 
 
 def run(script: str, *args, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -42,6 +42,8 @@ def bad_update(kind: str, weights: list[np.ndarray]) -> tuple[list[np.ndarray], 
         return w, 0
     elif kind == "examples-huge":
         return w, 10**12
+    elif kind == "oversized":  # 80 MB, well above the server's gRPC message limit
+        w[0] = np.zeros(20_000_000, dtype=np.float32)
     return w, 100
 
 

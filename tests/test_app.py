@@ -4,11 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ENV, ROOT, finish, free_port
+from conftest import ENV, ROOT, finish, free_port, wait_for_port
 from test_federation import processes_with, rows
 from test_safety import make_certs
 
@@ -103,7 +102,8 @@ def test_deployment_engine_superlink_and_two_supernodes_run_the_app(tiny, tmp_pa
     )  # fmt: skip
     nodes = [supernode(env, link, i, tmp_path / f"supernode{i}.log", node_security) for i in range(2)]
     try:
-        time.sleep(2)
+        # `flwr run` needs the SuperLink's API; the ServerApp itself waits for min-clients SuperNodes
+        wait_for_port("127.0.0.1", port, proc=superlink)
         code = flwr_run(env, "deploy", "--run-config", run_config(tiny, tmp_path), log=tmp_path / "flwr.log")
     finally:
         for p in [superlink, *nodes]:
