@@ -145,3 +145,51 @@ def test_the_app_runs_fedmedian_on_the_simulation_engine(tiny, tmp_path):
     assert float(table[-1]["centralized_accuracy"]) > 0.2
     assert federation.RunRecord(tmp_path / "run").config()["strategy"] == "fedmedian"
     assert cifar.Net().load_state_dict(__import__("torch").load(tmp_path / "run" / "checkpoints" / "round-002.pt"))
+
+
+def strategy_args(name: str) -> argparse.Namespace:
+    return argparse.Namespace(
+        strategy=name, fraction_fit=1.0, min_clients=7, num_malicious=1, proximal_mu=0.1, trim_beta=0.2, server_lr=0.01
+    )
+
+
+@pytest.mark.parametrize("name", federation.STRATEGIES)
+def test_every_strategy_aggregates_seven_updates_in_both_faces(name, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):  # Messages belong to a run and a sender; a ServerApp sets these
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    import server
+    import server_app
+
+    start = cifar.get_weights(cifar.make_net(0, "cpu"))
+    rng = np.random.default_rng(0)
+    updates = [[w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in start] for _ in range(7)]
+    metrics = {"train_loss": 1.0, "fit_seconds": 1.0, "partition_id": 0, "num_partitions": 7, "partition_scheme": 1}
+
+    legacy = server.flower_strategy(strategy_args(name), ndarrays_to_parameters(start))
+    legacy.initialize_parameters(None)  # fedadam keeps the current weights from here
+    results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), 100, metrics)) for u in updates]
+    parameters, _ = legacy.aggregate_fit(1, results, [])
+    assert all(np.isfinite(a).all() for a in parameters_to_ndarrays(parameters))
+
+    current = server_app.flower_strategy(strategy_args(name))
+    current.current_arrays = {k: w for k, w in zip(federation.model_keys(), start)}  # what configure_train sets
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord(federation.state_dict(u)),
+                    "metrics": MetricRecord({**metrics, "num-examples": 100}),
+                }
+            ),
+            dst_node_id=i + 1,
+            message_type="train",
+        )
+        for i, u in enumerate(updates)
+    ]
+    arrays, _ = current.aggregate_train(1, replies)
+    assert all(np.isfinite(a).all() for a in arrays.to_numpy_ndarrays())
