@@ -104,6 +104,7 @@ def client_command(args, address: str, i: int) -> list[str]:
         *("--threads", args.threads, "--seed", args.seed, "--weight-decay", args.weight_decay),
         "--augment" if args.augment else "--no-augment",
         "--normalize" if args.normalize else "--no-normalize",
+        "--cuda-graph" if args.cuda_graph else "--no-cuda-graph",
     ]
     if args.partitioner != "none":
         cmd += ["--partition-id", i, "--num-partitions", args.clients, "--partitioner", args.partitioner]
