@@ -625,6 +625,11 @@ class Participant:
         train_idx = test_idx = None
         test_from_train = False
         if args.num_partitions:
+            if args.num_partitions > len(data.train_y):
+                raise cifar.DataError(
+                    f"--num-partitions {args.num_partitions} is more than the {len(data.train_y)} training images: "
+                    "use fewer partitions"
+                )
             share = cifar.partition_indices(
                 data.train_y, args.num_partitions, args.partition_id, args.partitioner, args.alpha, args.seed
             )

@@ -50,3 +50,15 @@ def test_holdout_is_disjoint_from_training_and_about_ten_percent():
 def test_a_partition_id_out_of_range_is_refused():
     with pytest.raises(ValueError):
         cifar.partition_indices(LABELS, 2, 2)
+
+
+@pytest.mark.parametrize("partition, partitions", [(4999, 5000), (299, 300)])
+def test_a_partition_too_small_to_train_on_is_one_line_and_exit_code_2(tiny, tmp_path, partition, partitions):
+    from conftest import run
+    from test_cifar import one_line_error
+
+    line = one_line_error(
+        run("client.py", "--data-root", tiny, "--cache-dir", tmp_path, "--partition-id", partition,
+            "--num-partitions", partitions, "--connect-timeout", 1)
+    )  # fmt: skip
+    assert "use fewer partitions" in line
