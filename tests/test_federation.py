@@ -1,6 +1,7 @@
 """server.py and client.py as real processes on loopback."""
 
 import csv
+import json
 import os
 import signal
 import time
@@ -181,6 +182,8 @@ def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_
         c.wait()
     done = len(rows(run_dir))
     assert done < 3
+    assert (run_dir / "plot.png").stat().st_size > 10_000  # a stopped run has its plot too
+    assert json.loads((run_dir / "config.json").read_text())["run_dir"] == str(run_dir)
 
     srv = start("server.py", *common, "--resume", run_dir, log=tmp_path / "s2.log")
     clients = [start("client.py", *common, *FAST, log=tmp_path / f"d{i}.log") for i in range(2)]
