@@ -318,10 +318,7 @@ class RunRecord:
 
     def plot(self) -> Path:
         """Accuracy and loss against round, from metrics.csv."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         rows = self.rows()
         rounds = [int(r["round"]) for r in rows]
@@ -354,6 +351,16 @@ class RunRecord:
         plt.close(fig)
         os.replace(path.with_suffix(".tmp.png"), path)
         return path
+
+
+def _pyplot():
+    """matplotlib's pyplot, drawing to files only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -441,6 +448,7 @@ class Rounds:
         self.row: dict = {}
         self.work: dict[str, float] = {}
         self.started = 0.0
+        _pyplot()  # imported now, not mid-round, where a Ctrl-C could break the import halfway
 
     @property
     def rounds_left(self) -> int:

@@ -254,10 +254,12 @@ def main() -> None:
         if e.code not in (0, None):
             raise
         stopped = True
-    except Exception:  # noqa: BLE001  (a bug: show it, and end the process, which gRPC threads would keep alive)
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
+    except Exception as e:  # noqa: BLE001
+        if not isinstance(e.__context__, SystemExit):  # a bug: show it, and end the process, which gRPC keeps alive
+            traceback.print_exc()
+            sys.stdout.flush()
+            os._exit(1)
+        stopped = True  # Flower's signal handler raised its SystemExit inside our code, which then failed
     print(federation.summary_table(record.rows()))
     print(f"Run directory: {args.run_dir} (config.json, metrics.csv, plot.png, checkpoints/)")
     if record.last_round() < args.rounds:
