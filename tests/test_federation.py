@@ -172,7 +172,8 @@ def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_
     srv = start("server.py", *common, "--rounds", 3, "--run-dir", run_dir, log=tmp_path / "s1.log")
     clients = [start("client.py", *common, *FAST, log=tmp_path / f"c{i}.log") for i in range(2)]
     deadline = time.monotonic() + 120
-    while not (run_dir / "metrics.csv").exists() or len(rows(run_dir)) < 1:
+    # Round 1 recorded, plot included (plot.png is redrawn every round: a stopped run has one)
+    while not (run_dir / "metrics.csv").exists() or len(rows(run_dir)) < 1 or not (run_dir / "plot.png").exists():
         assert time.monotonic() < deadline and srv.poll() is None
         time.sleep(0.05)
     srv.kill()  # SIGKILL: no chance to clean up
@@ -182,7 +183,7 @@ def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_
         c.wait()
     done = len(rows(run_dir))
     assert done < 3
-    assert (run_dir / "plot.png").stat().st_size > 10_000  # a stopped run has its plot too
+    assert (run_dir / "plot.png").stat().st_size > 10_000
     assert json.loads((run_dir / "config.json").read_text())["run_dir"] == str(run_dir)
 
     srv = start("server.py", *common, "--resume", run_dir, log=tmp_path / "s2.log")
