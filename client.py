@@ -1,36 +1,64 @@
 """Flower client: a NumPyClient wrapping cifar.py's train and test (the tutorial's `start_client`).
 
 `python3 client.py` connects to server.py over gRPC. The current Flower API (a ClientApp on the
-Message API) is client_app.py; both wrap the same `federation.Participant`.
+Message API) is client_app.py; both wrap the same `Participant`.
 """
 
+import signal
 import sys
 import time
+from typing import NoReturn
 
 import flwr as fl
 import grpc
 import numpy as np
 
-import cifar
-import federation
 import flags
+from federation import config
+from federation.participant import ModelMismatch, Participant
+from pipeline import models, options
+from pipeline.sources import DataError
 
 
 class CifarClient(fl.client.NumPyClient):
     """Trains and evaluates the tutorial's Net on this client's data."""
 
-    def __init__(self, participant: federation.Participant) -> None:
-        self.participant = participant
+    def __init__(self, participant: Participant, prog: str = "client.py") -> None:
+        self.participant, self.prog = participant, prog
 
     def get_parameters(self, config) -> list[np.ndarray]:
-        return cifar.get_weights(self.participant.net)
+        return models.get_weights(self.participant.net)
 
     def fit(self, parameters, config):
         # FedProx sends its proximal term's weight; every other strategy trains plainly
-        return self.participant.fit(parameters, proximal_mu=float(config.get("proximal_mu", 0.0)))
+        try:
+            return self.participant.fit(parameters, proximal_mu=float(config.get("proximal_mu", 0.0)))
+        except ModelMismatch as e:
+            fail(self.prog, str(e), 2)  # not an Exception: Flower's handler does not print it as a traceback
 
     def evaluate(self, parameters, config):
-        return self.participant.evaluate(parameters)
+        try:
+            return self.participant.evaluate(parameters)
+        except ModelMismatch as e:
+            fail(self.prog, str(e), 2)
+
+
+def fail(prog: str, message: str, code: int) -> NoReturn:
+    """One line on stderr, then exit with `code` (SystemExit passes Flower's exception handlers by)."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM (kill, systemd, docker stop): not an Exception, so no handler of Flower's takes it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop(signum: int, frame) -> NoReturn:
+    raise Stopped(signum)
 
 
 def wait_for_server(address: str, root_certificates: bytes | None, timeout: float, quiet: bool = False) -> bool:
@@ -60,7 +88,18 @@ def wait_for_server(address: str, root_certificates: bytes | None, timeout: floa
 
 
 def main() -> None:
-    parser = federation.client_parser("Flower client training the tutorial's CNN on CIFAR-10.")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    try:
+        connect()
+    except Stopped as e:
+        print(f"client.py: {'interrupted' if e.signum == signal.SIGINT else 'terminated'}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+
+
+def connect() -> None:
+    """Parse the flags, load this client's data, wait for the server, then train and evaluate when asked."""
+    parser = config.client_parser("Flower client training the tutorial's CNN on CIFAR-10.")
     parser.add_argument(
         "--server-address", type=flags.host_port, default="127.0.0.1:8080", help="the server's HOST:PORT"
     )
@@ -77,13 +116,16 @@ def main() -> None:
         help="seconds to keep retrying while the server is not up",
     )
     args = parser.parse_args()
-    federation.check_partition_args(parser, args)
-    cifar.check_device(parser, args.device)
+    config.check_partition_args(parser, args, flags.given(parser))
+    options.check_device(parser, args.device)
 
     try:
-        participant = federation.Participant(args)
-    except cifar.DataError as e:
+        participant = Participant(args)
+    except (DataError, models.ModelError) as e:
         flags.die(str(e), parser.prog)
+    if participant.resize_note:
+        print(participant.resize_note)
+    print(participant.describe(), flush=True)
     root_certificates = args.root_certificates.read_bytes() if args.root_certificates else None
 
     if not wait_for_server(args.server_address, root_certificates, args.connect_timeout):
@@ -98,12 +140,16 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
-    fl.client.start_client(
-        server_address=args.server_address,
-        client=CifarClient(participant).to_client(),
-        root_certificates=root_certificates,
-        insecure=root_certificates is None,
-    )
+    try:
+        fl.client.start_client(
+            server_address=args.server_address,
+            client=CifarClient(participant, parser.prog).to_client(),
+            root_certificates=root_certificates,
+            insecure=root_certificates is None,
+        )
+    except grpc.RpcError as e:  # the server went away mid-run (stopped, killed, its machine gone)
+        status = f"{e.code().name}: {e.details()}" if hasattr(e, "code") else str(e)
+        fail(parser.prog, f"lost the server at {args.server_address} ({status})", 1)
 
 
 if __name__ == "__main__":

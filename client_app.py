@@ -9,30 +9,31 @@ import functools
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import cifar
-import federation
+from federation import config
+from federation.participant import Participant
+from pipeline import sources
 
+# Run-config keys named differently from client.py's flags; None: a server's key, not the client's
 RENAMES = {"local-epochs": "epochs", "server-device": None}
 
 app = ClientApp()
 
 # A simulation runs many clients in one process: decode the data once per process
-_shared_data = functools.cache(cifar.load_arrays)
+_shared_data = functools.cache(sources.load_arrays)
 
 
-def participant(context: Context) -> federation.Participant:
+def participant(context: Context) -> Participant:
     """This node's client, from the run config and the node's partition."""
-    parser = federation.client_parser("The Flower App's client: pyproject.toml's run config, as client.py's flags.")
+    parser = config.client_parser("The Flower App's client: pyproject.toml's run config, as client.py's flags.")
     node = {k: v for k, v in context.node_config.items() if k in ("partition-id", "num-partitions")}
-    args = federation.args_from_config(parser, {**context.run_config, **node}, RENAMES)
-    federation.check_partition_args(parser, args)
-    return federation.Participant(args, _shared_data(args.data_root, args.cache_dir))
+    args = config.args_from_config(parser, {**context.run_config, **node}, RENAMES)
+    config.check_partition_args(parser, args)
+    return Participant(args, _shared_data(args.data_root, args.cache_dir, args.image_size))
 
 
-def weights_of(msg: Message, me: federation.Participant) -> list:
-    """The global model in the message, as arrays in the model's order."""
-    state = msg.content["arrays"].to_torch_state_dict()
-    return [state[k].numpy() for k in me.net.state_dict()]
+def weights_of(msg: Message) -> list:
+    """The global model in the message, as arrays in its state_dict's order."""
+    return msg.content["arrays"].to_numpy_ndarrays()
 
 
 @app.train()
@@ -41,10 +42,10 @@ def train(msg: Message, context: Context) -> Message:
     me = participant(context)
     # FedProx sends its proximal term's weight; every other strategy trains plainly
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    weights, num_examples, metrics = me.fit(weights_of(msg, me), proximal_mu=mu)
+    weights, num_examples, metrics = me.fit(weights_of(msg), proximal_mu=mu)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(federation.state_dict(weights)),
+            "arrays": ArrayRecord(me.layout.state_dict(weights)),
             "metrics": MetricRecord({**metrics, "num-examples": num_examples}),
         }
     )
@@ -55,6 +56,6 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Test the received model on this node's evaluation data."""
     me = participant(context)
-    loss, num_examples, metrics = me.evaluate(weights_of(msg, me))
+    loss, num_examples, metrics = me.evaluate(weights_of(msg))
     content = RecordDict({"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})})
     return Message(content=content, reply_to=msg)

@@ -4,6 +4,7 @@ Bad input ends the program with one line on stderr and exit code 2, never a trac
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -18,15 +19,36 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ConfigError(Exception):
+    """A bad value in a Flower run config, worded with the run config's keys."""
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a single line on stderr (exit code 2)."""
+    """An ArgumentParser whose errors are a single line on stderr (exit code 2).
+
+    Parsing a Flower run config (`config_keys` set: flag name -> run-config key), an error raises
+    ConfigError in the run config's words instead, for the App to end its run with.
+    """
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(**kwargs)
+        self.config_keys: dict[str, str] | None = None
 
     def error(self, message: str) -> NoReturn:
+        if self.config_keys is not None:
+            raise ConfigError(in_config_words(" ".join(str(message).split()), self.config_keys))
         die(message, prog=self.prog)
+
+
+def in_config_words(message: str, keys: dict[str, str]) -> str:
+    """A message about flags reworded for a run config: --rounds -> num-server-rounds, --no-x -> x=false."""
+
+    def key(match: re.Match) -> str:
+        name = keys.get(match.group(2), match.group(2))
+        return f"{name}=false" if match.group(1) else name
+
+    return re.sub(r"(?<![\w-])--(no-)?([a-z][a-z0-9-]*)", key, message.replace("argument --", "run config key --"))
 
 
 def die(message: str, prog: str | None = None) -> NoReturn:

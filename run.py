@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import cifar
-import federation
 import flags
 import server
+from federation import config, model, records
+from pipeline import models, options, partitions, sources
 
 HERE = Path(__file__).resolve().parent
 SHOWN = ("Round ", "Waiting for clients", "Resuming", "Rejected", "ERROR", "error:")
@@ -101,14 +101,19 @@ def client_command(args, address: str, i: int) -> list[str]:
         *("--server-address", address, "--data-root", args.data_root, "--cache-dir", args.cache_dir),
         *("--pipeline", args.pipeline, "--epochs", args.epochs, "--batch-size", args.batch_size),
         *("--lr", args.lr, "--momentum", args.momentum, "--device", args.device),
-        *("--threads", args.threads, "--seed", args.seed, "--weight-decay", args.weight_decay),
+        *("--threads", args.threads, "--weight-decay", args.weight_decay),
+        *("--model", args.model, "--image-size", args.image_size, "--num-classes", args.num_classes),
         "--augment" if args.augment else "--no-augment",
         "--normalize" if args.normalize else "--no-normalize",
         "--cuda-graph" if args.cuda_graph else "--no-cuda-graph",
     ]
     if args.partitioner != "none":
         cmd += ["--partition-id", i, "--num-partitions", args.clients, "--partitioner", args.partitioner]
-        cmd += ["--alpha", args.alpha, "--holdout", args.holdout]
+        cmd += ["--holdout", args.holdout, "--seed", args.seed]
+        if args.partitioner == "dirichlet":
+            cmd += ["--alpha", args.alpha]
+    else:  # the whole set each: a seed of its own, or the clients would train alike
+        cmd += ["--seed", args.seed + i]
     if args.certificates:
         cmd += ["--root-certificates", args.certificates[0]]
     return [sys.executable, str(HERE / "client.py"), *map(str, cmd)]
@@ -120,6 +125,8 @@ def server_command(args, address: str) -> list[str]:
         *("--server-address", address, "--rounds", args.rounds, "--min-clients", args.min_clients),
         *("--fraction-fit", args.fraction_fit, "--run-dir", args.run_dir, "--seed", args.seed),
         *("--data-root", args.data_root, "--cache-dir", args.cache_dir),
+        *("--model", args.model, "--image-size", args.image_size, "--num-classes", args.num_classes),
+        *("--max-message-mb", args.max_message_mb),
         *("--strategy", args.strategy, "--proximal-mu", args.proximal_mu, "--trim-beta", args.trim_beta),
         *("--num-malicious", args.num_malicious, "--server-lr", args.server_lr),
         *("--screen-factor", args.screen_factor, "--max-update-norm", args.max_update_norm),
@@ -210,11 +217,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Na
     parser.add_argument(
         "--port", type=flags.port, default=0, help="server port on 127.0.0.1 (refused when in use); 0: a free one"
     )
-    federation.add_share_args(parser, choices=("none", *cifar.PARTITIONERS))
-    federation.add_server_args(parser)
+    config.add_share_args(parser, choices=("none", *partitions.PARTITIONERS))
+    config.add_server_args(parser)
     server.add_script_args(parser)
-    cifar.add_data_args(parser)
-    cifar.add_train_args(parser, epochs=1)
+    options.add_data_args(parser)
+    options.add_train_args(parser, epochs=1)
     # run.py computes these two from --clients, so their help says so instead of the scripts' own
     for action in parser._actions:
         if action.dest == "min_clients":
@@ -254,14 +261,17 @@ def resolve(parser: flags.Parser, args: argparse.Namespace, given: set[str]) -> 
     """Fill in what the flags leave open and refuse what cannot run."""
     if args.resume is not None:
         restore(parser, args, given)
-    cifar.check_device(parser, args.device)
+    options.check_device(parser, args.device)
     args.min_clients = args.min_clients or args.clients
     if args.min_clients > args.clients:
         parser.error(f"--min-clients {args.min_clients} is more than --clients {args.clients}: no round could start")
+    problem = config.strategy_problem(args) or config.share_problem(args, given, args.partitioner != "none")
+    if problem:
+        parser.error(problem)
     # Clients on one machine share its cores instead of oversubscribing them
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.clients)
-    args.run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if args.resume is None and federation.RunRecord(Path(args.run_dir)).rows():
+    args.run_dir = str(args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if args.resume is None and records.RunRecord(Path(args.run_dir)).rows():
         parser.error(f"--run-dir {args.run_dir} already holds a run: use --resume {args.run_dir} to continue it")
 
 
@@ -294,19 +304,24 @@ def launch(run: Launch) -> int:
     parser, args, given = parse_args()
     resolve(parser, args, given)
     run_dir = Path(args.run_dir)
-    done = federation.RunRecord(run_dir).last_round()
+    done = records.RunRecord(run_dir).last_round()
     if args.resume is not None and done >= args.rounds:
         print(f"{run_dir} already completed all {args.rounds} rounds")
-        print(federation.summary_table(federation.RunRecord(run_dir).rows()))
+        print(records.summary_table(records.RunRecord(run_dir).rows()))
         return 0
     port = claim_port(parser, args.port)
 
     # Decode the data once here so that the clients start from a warm cache, not N decodes at once
     print(f"Preparing data from {args.data_root}", flush=True)
     try:
-        cifar.load_arrays(args.data_root, args.cache_dir)
-    except cifar.DataError as e:
+        data = sources.load_arrays(args.data_root, args.cache_dir, args.image_size, options.show_progress)
+        _, layout = model.build(args.model, data.num_classes(args.num_classes), data.image_size, 0, "cpu")
+    except (sources.DataError, models.ModelError) as e:
         flags.die(str(e), parser.prog)
+    if data.resize_note():
+        print(data.resize_note())
+    print(f"Model: {layout.describe()}", flush=True)
+    del data
 
     save_flags(args)
     address = f"127.0.0.1:{port}"
@@ -356,9 +371,9 @@ def main() -> None:
         run.stop()
         code = 128 + e.signum
     if run.procs:
-        rows = federation.RunRecord(run.run_dir).rows()
+        rows = records.RunRecord(run.run_dir).rows()
         if rows:
-            print(federation.summary_table(rows))
+            print(records.summary_table(rows))
         print(f"Run directory: {run.run_dir}")
     sys.exit(code)
 

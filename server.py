@@ -20,13 +20,10 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import strategy as legacy
 from flwr.server.client_manager import SimpleClientManager
 
-import cifar
-import federation
 import flags
-
-# gRPC refuses any message above this before it is decoded; the model is 62,006 float32 (248 KB), so 16 MiB
-# leaves room to spare while a client can no longer make the server buffer flwr's default of 2 GiB per message
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+from federation import config, records, screening
+from federation.rounds import Rounds, open_run
+from pipeline import options
 
 
 def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> legacy.Strategy:
@@ -38,7 +35,7 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
         "min_evaluate_clients": args.min_clients,
         "min_available_clients": args.min_clients,
         "initial_parameters": initial,
-        "fit_metrics_aggregation_fn": federation.weighted_average,
+        "fit_metrics_aggregation_fn": screening.weighted_average,
     }
     f = args.num_malicious
     return {
@@ -54,12 +51,12 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
 
 
 class Screened(legacy.Strategy):
-    """Flower's strategy, fed only screened replies; `federation.Rounds` keeps the records.
+    """Flower's strategy, fed only screened replies; `Rounds` keeps the records.
 
     Rounds are numbered from the run's first round on, so a resumed run keeps its numbering.
     """
 
-    def __init__(self, inner: legacy.Strategy, rounds: federation.Rounds) -> None:
+    def __init__(self, inner: legacy.Strategy, rounds: Rounds) -> None:
         self.inner, self.rounds, self.offset = inner, rounds, rounds.done
 
     def initialize_parameters(self, client_manager):
@@ -78,16 +75,13 @@ class Screened(legacy.Strategy):
             except (ValueError, OSError, EOFError):  # bytes that are no arrays at all
                 arrays = []
             updates.append((proxy.cid, arrays, res.num_examples, dict(res.metrics)))
-        verdicts = self.rounds.screen_updates(updates)
-        accepted = [r for r, ok in zip(results, verdicts) if ok]
-        rejected = [r for r, ok in zip(results, verdicts) if not ok]
+        accepted = [results[i] for i in self.rounds.screen_updates(updates)]
         parameters, metrics = (None, {})
         if accepted:
             parameters, metrics = self.inner.aggregate_fit(server_round + self.offset, accepted, failures)
         weights = parameters_to_ndarrays(parameters) if parameters is not None else None
-        self.rounds.trained(
-            weights, [(r.num_examples, dict(r.metrics)) for _, r in accepted], len(rejected) + len(failures)
-        )
+        rejected = len(results) - len(accepted) + len(failures)
+        self.rounds.trained(weights, [(r.num_examples, dict(r.metrics)) for _, r in accepted], rejected)
         return ndarrays_to_parameters(self.rounds.weights), metrics
 
     def evaluate(self, server_round, parameters):
@@ -156,6 +150,13 @@ def add_script_args(parser: flags.Parser) -> None:
         default=None,
         help="enable TLS with these PEM files (see certs.py)",
     )
+    parser.add_argument(
+        "--max-message-mb",
+        type=flags.non_negative_float,
+        default=0.0,
+        help="gRPC's limit on one message, in MiB; larger updates are refused before they are read "
+        "(default 0: twice the model's size, 16 MiB at least)",
+    )
 
 
 def check_resume(parser: flags.Parser, args: argparse.Namespace, given: set[str] = frozenset()) -> None:
@@ -166,12 +167,12 @@ def check_resume(parser: flags.Parser, args: argparse.Namespace, given: set[str]
     if not (args.resume / "config.json").is_file():
         parser.error(f"--resume {args.resume}: no config.json there, not a run directory")
     rounds = args.rounds
-    saved = federation.RunRecord(args.resume).config()
-    for key in federation.EXPERIMENT_KEYS:
+    saved = records.RunRecord(args.resume).config()
+    for key in config.EXPERIMENT_KEYS:
         setattr(args, key, saved.get(key, getattr(args, key)))
     args.run_dir = args.resume
     if "rounds" in given:
-        done = federation.RunRecord(args.resume).last_round()
+        done = records.RunRecord(args.resume).last_round()
         if rounds < done:
             parser.error(f"--rounds {rounds}: {args.resume} has already completed {done} rounds")
         args.rounds = rounds
@@ -179,7 +180,7 @@ def check_resume(parser: flags.Parser, args: argparse.Namespace, given: set[str]
 
 def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Namespace]:
     """server.py's flags, checked; a resumed run's saved settings applied."""
-    parser = federation.server_parser("Flower server: federated learning over gRPC for the tutorial's CIFAR-10 CNN.")
+    parser = config.server_parser("Flower server: federated learning over gRPC for the tutorial's CIFAR-10 CNN.")
     parser.add_argument(
         "--server-address",
         type=flags.host_port,
@@ -212,24 +213,24 @@ def interrupted(prog: str) -> NoReturn:
 
 def main() -> None:
     parser, args = parse_args()
-    cifar.check_device(parser, args.device)
+    options.check_device(parser, args.device)
     if args.certificates is None and not flags.is_loopback(args.server_address):
         print(
             f"WARNING: listening on {args.server_address} without TLS: updates travel in plain text. "
             "Use --certificates CA CERT KEY.",
             file=sys.stderr,
         )
-    args.run_dir = args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if args.resume is None and federation.RunRecord(args.run_dir).rows():
+    args.run_dir = str(args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if args.resume is None and records.RunRecord(args.run_dir).rows():
         parser.error(f"--run-dir {args.run_dir} already holds a run: use --resume {args.run_dir} to continue it")
     try:
-        rounds = federation.open_run(parser, args)
+        rounds = open_run(parser, args, hint=" (or run the server with --no-central-eval)")
     except KeyboardInterrupt:
         interrupted(parser.prog)
     record = rounds.record
     if rounds.rounds_left <= 0:
         print(f"{args.run_dir} already completed all {args.rounds} rounds")
-        print(federation.summary_table(record.rows()))
+        print(records.summary_table(record.rows()))
         return
     if args.resume:
         print(f"Resuming {args.run_dir} after round {rounds.done}: {rounds.rounds_left} round(s) left")
@@ -245,7 +246,7 @@ def main() -> None:
             strategy=Screened(flower_strategy(args, initial), rounds),
             client_manager=WaitingClientManager(),
             certificates=certificates,
-            grpc_max_message_length=MAX_MESSAGE_BYTES,
+            grpc_max_message_length=rounds.layout.message_bytes(args.max_message_mb),
         )
     except KeyboardInterrupt:
         stopped = True  # a second Ctrl-C while Flower shuts down
@@ -260,7 +261,8 @@ def main() -> None:
             sys.stdout.flush()
             os._exit(1)
         stopped = True  # Flower's signal handler raised its SystemExit inside our code, which then failed
-    print(federation.summary_table(record.rows()))
+    record.close()
+    print(records.summary_table(record.rows()))
     print(f"Run directory: {args.run_dir} (config.json, metrics.csv, plot.png, checkpoints/)")
     if record.last_round() < args.rounds:
         message = f"{parser.prog}: error: the run stopped after round {record.last_round()} of {args.rounds}"

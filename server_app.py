@@ -2,12 +2,12 @@
 
 Runs on the Simulation Engine (`flwr run .`) and the Deployment Engine (a SuperLink with SuperNodes).
 The run config in pyproject.toml mirrors server.py's flags and is parsed by the same code; the run
-directory, checks, strategies and resume are federation.py's, as for server.py.
+directory, checks, strategies and resume are federation/'s, as for server.py.
 """
 
 from collections.abc import Iterable
 from datetime import datetime
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,11 +15,18 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
-import federation
+import client_app
+import flags
+from federation import config, screening
+from federation.model import Layout
+from federation.rounds import Rounds, open_run
 
 APP_RUNS = "~/flower-cifar/runs"  # where the App's runs go unless run-dir says otherwise
 # Run-config keys named differently from server.py's flags; None: a client's key, not the server's
 RENAMES = {"num-server-rounds": "rounds", "server-device": "device", "device": None}
+# The clients' run-config settings that define the experiment (kept in config.json, checked on continuing)
+CLIENT_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "normalize", "partitioner",
+               "alpha", "holdout", "pipeline", "seed")  # fmt: skip
 
 app = ServerApp()
 
@@ -27,7 +34,7 @@ app = ServerApp()
 def average_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted mean of the losses and accuracies in the replies."""
     pairs = [(int(c["metrics"][weight_key]), dict(c["metrics"])) for c in contents]
-    return MetricRecord(federation.weighted_average(pairs))
+    return MetricRecord(screening.weighted_average(pairs))
 
 
 def flower_strategy(args) -> flower.Strategy:
@@ -53,25 +60,24 @@ def flower_strategy(args) -> flower.Strategy:
     }[args.strategy]()
 
 
-def unpack_update(content: RecordDict) -> tuple[list, int, dict]:
+def unpack_update(content: RecordDict, layout: Layout) -> tuple[list, int, dict]:
     """A train reply's (arrays in the model's order, num-examples, metrics); ValueError names what is wrong."""
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         raise ValueError("must hold exactly one ArrayRecord and one MetricRecord")
     arrays = next(iter(content.array_records.values()))
-    keys = federation.model_keys()
-    if list(arrays.keys()) != keys:
-        raise ValueError(f"holds arrays {list(arrays.keys())}, the model's are {keys}")
+    if list(arrays.keys()) != list(layout.keys):
+        raise ValueError(f"holds arrays {list(arrays.keys())}, the model's are {list(layout.keys)}")
     metrics = dict(next(iter(content.metric_records.values())))
-    expected = {"num-examples", *federation.TRAIN_METRICS}
-    if set(metrics) != expected:
-        raise ValueError(f"reports metrics {sorted(metrics)}, expected {sorted(expected)}")
+    required = {"num-examples", *screening.TRAIN_METRICS}
+    if not required <= set(metrics) <= required | set(screening.CLIENT_SETTINGS):
+        raise ValueError(f"reports metrics {sorted(metrics)}, expected {sorted(required)} and the training settings")
     return arrays.to_numpy_ndarrays(), metrics.pop("num-examples"), metrics
 
 
 class Screened(flower.Strategy):
-    """Flower's strategy, fed only screened replies; `federation.Rounds` keeps the records."""
+    """Flower's strategy, fed only screened replies; `Rounds` keeps the records."""
 
-    def __init__(self, inner: flower.Strategy, rounds: federation.Rounds) -> None:
+    def __init__(self, inner: flower.Strategy, rounds: Rounds) -> None:
         self.inner, self.rounds, self.offset = inner, rounds, rounds.done
 
     def summary(self) -> None:
@@ -93,20 +99,19 @@ class Screened(flower.Strategy):
                 failed += 1
                 continue
             try:
-                arrays, num_examples, metrics = unpack_update(msg.content)
+                arrays, num_examples, metrics = unpack_update(msg.content, self.rounds.layout)
             except (ValueError, KeyError, TypeError) as e:
                 arrays, num_examples, metrics = [], 0, {}
-                federation.log.warning("Rejected update from client %s: the reply %s", who, e)
+                self.rounds.reject(str(who), f"the reply {e}")
             updates.append((msg, (str(who), arrays, num_examples, metrics)))
         sound = [(msg, u) for msg, u in updates if u[1]]
-        verdicts = self.rounds.screen_updates([u for _, u in sound])
-        accepted = [(msg, u) for (msg, u), ok in zip(sound, verdicts) if ok]
+        accepted = [sound[i] for i in self.rounds.screen_updates([u for _, u in sound])]
         arrays, metrics = (None, None)
         if accepted:
             arrays, metrics = self.inner.aggregate_train(server_round + self.offset, [m for m, _ in accepted])
-        weights = None if arrays is None else [arrays[k].numpy() for k in federation.model_keys()]
+        weights = None if arrays is None else [arrays[k].numpy() for k in self.rounds.layout.keys]
         self.rounds.trained(weights, [(u[2], u[3]) for _, u in accepted], len(replies) - len(accepted))
-        return ArrayRecord(federation.state_dict(self.rounds.weights)), metrics
+        return ArrayRecord(self.rounds.layout.state_dict(self.rounds.weights)), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
@@ -135,15 +140,28 @@ class Screened(flower.Strategy):
         return None if result is None else MetricRecord({"loss": result[0], "accuracy": result[1]})
 
 
+def open_app_run(run_config: dict) -> Rounds:
+    """The run the run config describes, new or continued; flags.ConfigError says why it cannot run."""
+    parser = config.server_parser("The Flower App's server: pyproject.toml's run config, as server.py's flags.")
+    args = config.args_from_config(parser, run_config, RENAMES)
+    client_parser = config.client_parser("The Flower App's clients")
+    client_args = config.args_from_config(client_parser, run_config, client_app.RENAMES)
+    clients = {k: getattr(client_args, k) for k in CLIENT_KEYS}
+    # A run-dir that already holds rounds is continued (with the same settings), as server.py --resume does
+    args.run_dir = str(Path(args.run_dir or f"{APP_RUNS}/{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve())
+    args.data_root = str(Path(args.data_root).expanduser())
+    return open_run(parser, args, clients, hint=" (or set central-eval=false)")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or continue) the experiment that the run config describes."""
-    parser = federation.server_parser("The Flower App's server: pyproject.toml's run config, as server.py's flags.")
-    args = federation.args_from_config(parser, context.run_config, RENAMES)
-    # A run-dir that already holds rounds is continued, as server.py --resume does
-    args.run_dir = Path(str(args.run_dir or f"{APP_RUNS}/{datetime.now():%Y%m%d-%H%M%S}")).expanduser().resolve()
-    args.data_root = str(Path(args.data_root).expanduser())
-    rounds = federation.open_run(parser, args)
+    try:
+        rounds = open_app_run(context.run_config)
+    except flags.ConfigError as e:  # the run ends as failed, with the reason in one line
+        log(ERROR, "The run config cannot run: %s", e)
+        raise SystemExit(2) from None
+    args = rounds.args
     if rounds.rounds_left <= 0:
         log(INFO, "%s already completed all %s rounds", args.run_dir, args.rounds)
         return
@@ -152,8 +170,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = Screened(flower_strategy(args), rounds)
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(federation.state_dict(rounds.weights)),
+        initial_arrays=ArrayRecord(rounds.layout.state_dict(rounds.weights)),
         num_rounds=rounds.rounds_left,
         evaluate_fn=strategy.end_round,
     )
-    log(INFO, "Run directory: %s (config.json, metrics.csv, plot.png, checkpoints/)", args.run_dir)
+    rounds.record.close()
+    log(INFO, "Run directory: %s (config.json, metrics.csv, plot.png, checkpoints/)", rounds.record.dir)

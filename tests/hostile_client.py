@@ -12,7 +12,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import wait_for_server
 
-# What an honest client reports besides its model (federation.TRAIN_METRICS): a poisoner mimics it
+# What an honest client reports besides its model (federation.screening.TRAIN_METRICS): a poisoner mimics it
 HONEST_METRICS = {"train_loss": 1.0, "fit_seconds": 1.0, "partition_id": -1, "num_partitions": 0, "partition_scheme": 0}
 
 

@@ -18,7 +18,8 @@ from test_app import FLWR_BIN, app_env, flwr_run, run_config, supernode
 from test_federation import FAST, data_flags, rows
 from test_safety import make_certs
 
-import server
+import cifar
+from federation.model import Layout
 
 
 def make_keys(out, *names):
@@ -138,7 +139,7 @@ def test_an_oversized_update_is_refused_and_the_run_completes_with_the_honest_cl
         assert time.monotonic() < deadline and srv.poll() is None and hostile.poll() is None
         time.sleep(0.1)
     honest = [
-        start("client.py", *common, *FAST, "--threads", 1, "--num-partitions", 2, "--partition-id", i,
+        start("client.py", *common, *FAST, "--threads", 1, "--num-partitions", 2, "--partition-id", i, "--seed", 0,
               log=tmp_path / f"c{i}.log")
         for i in range(2)
     ]  # fmt: skip
@@ -147,7 +148,8 @@ def test_an_oversized_update_is_refused_and_the_run_completes_with_the_honest_cl
     assert codes[:3] == [0, 0, 0], server_log[-3000:]
     # gRPC refuses the 80 MB message at the server's limit; the client's round is a failure
     assert codes[3] != 0
-    refusal = rf"Received message larger than max \(\d+ vs\. {server.MAX_MESSAGE_BYTES}\)"
+    limit = Layout.of(cifar.Net(), "cifar:Net").message_bytes()  # the tutorial's Net: 16 MiB
+    refusal = rf"Received message larger than max \(\d+ vs\. {limit}\)"
     assert re.search(refusal, (tmp_path / "hostile.log").read_text())
     table = rows(tmp_path / "run")
     assert [int(r["round"]) for r in table] == [1, 2, 3]

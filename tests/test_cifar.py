@@ -10,6 +10,7 @@ import torch
 from conftest import ENV, make_image_folder, run
 
 import cifar
+from pipeline import batches, graphs, models, sources
 
 CPU = torch.device("cpu")
 
@@ -19,7 +20,7 @@ def test_net_has_the_tutorials_62006_parameters():
 
 
 def test_image_folder_loads_as_uint8_tensors_with_labels_in_class_order(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
+    data = sources.load_arrays(tiny, tmp_path)
     assert data.train_x.shape == (300, 3, 32, 32) and data.train_x.dtype == torch.uint8
     assert data.test_x.shape == (100, 3, 32, 32)
     assert data.classes == [f"class{k}" for k in range(10)]
@@ -27,8 +28,8 @@ def test_image_folder_loads_as_uint8_tensors_with_labels_in_class_order(tiny, tm
 
 
 def test_training_lifts_test_accuracy_well_above_chance(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
-    trainloader, testloader = cifar.make_loaders(data, batch_size=16, device=CPU, seed=0)
+    data = sources.load_arrays(tiny, tmp_path)
+    trainloader, testloader = batches.make_loaders(data, batch_size=16, device=CPU, seed=0)
     net = cifar.make_net(0, CPU)
     _, before = cifar.test(net, testloader, CPU)
     # lr 0.02 diverged for a while in epoch 6 and ended below 0.6 on some CPUs: 0.01 learns steadily
@@ -39,10 +40,10 @@ def test_training_lifts_test_accuracy_well_above_chance(tiny, tmp_path):
 
 
 def test_fast_pipeline_yields_exactly_the_tutorial_pipelines_batches(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
+    data = sources.load_arrays(tiny, tmp_path)
     idx = np.arange(0, 300, 3)
-    fast, fast_test = cifar.make_loaders(data, 32, CPU, seed=5, train_idx=idx)
-    slow, slow_test = cifar.tutorial_loaders(data, 32, seed=5, train_idx=idx)
+    fast, fast_test = batches.make_loaders(data, 32, CPU, seed=5, train_idx=idx)
+    slow, slow_test = batches.tutorial_loaders(data, 32, seed=5, train_idx=idx)
     for _ in range(2):  # two epochs: shuffling differs per epoch, identically in both
         pairs = list(zip(fast, slow, strict=True))
         for (x1, y1), (x2, y2) in pairs:
@@ -51,12 +52,12 @@ def test_fast_pipeline_yields_exactly_the_tutorial_pipelines_batches(tiny, tmp_p
 
 
 def test_same_seed_same_model_and_result_different_seed_different(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
+    data = sources.load_arrays(tiny, tmp_path)
 
     def trained(seed):
         net = cifar.make_net(seed, CPU)
-        cifar.train(net, cifar.make_loaders(data, 32, CPU, seed)[0], 1, CPU)
-        return cifar.get_weights(net)
+        cifar.train(net, batches.make_loaders(data, 32, CPU, seed)[0], 1, CPU)
+        return models.get_weights(net)
 
     a, b, c = trained(1), trained(1), trained(2)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -65,33 +66,33 @@ def test_same_seed_same_model_and_result_different_seed_different(tiny, tmp_path
 
 def test_weights_round_trip_exactly_through_numpy():
     source, target = cifar.make_net(1, CPU), cifar.make_net(2, CPU)
-    cifar.set_weights(target, cifar.get_weights(source))
+    models.set_weights(target, models.get_weights(source))
     for (k1, v1), (k2, v2) in zip(source.state_dict().items(), target.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
     with pytest.raises(ValueError):
-        cifar.set_weights(target, cifar.get_weights(source)[:-1])
+        models.set_weights(target, models.get_weights(source)[:-1])
 
 
 def test_test_reports_mean_loss_per_example_not_a_sum_of_batch_means(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
+    data = sources.load_arrays(tiny, tmp_path)
     net = cifar.make_net(0, CPU)
-    x, y = cifar.normalize(data.test_x, CPU), data.test_y
+    x, y = batches.normalize(data.test_x, CPU), data.test_y
     expected = torch.nn.functional.cross_entropy(net(x), y).item()
     for batch in (7, 100, 1000):
-        loss, _ = cifar.test(net, cifar.Batches(x, y, batch), CPU)
+        loss, _ = cifar.test(net, batches.Batches(x, y, batch), CPU)
         assert loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_cache_is_used_then_rebuilt_when_the_folder_changes(tmp_path):
     root = make_image_folder(tmp_path / "data", n_train=3, n_test=1)
     cache = tmp_path / "cache"
-    first = cifar.load_arrays(root, cache)
+    first = sources.load_arrays(root, cache)
     (cached,) = cache.iterdir()
     stamp = cached.stat().st_mtime_ns
-    assert torch.equal(cifar.load_arrays(root, cache).train_x, first.train_x)
+    assert torch.equal(sources.load_arrays(root, cache).train_x, first.train_x)
     assert cached.stat().st_mtime_ns == stamp  # read, not rewritten
     os.remove(root / "train" / "class0" / "0000.png")
-    assert len(cifar.load_arrays(root, cache).train_y) == len(first.train_y) - 1
+    assert len(sources.load_arrays(root, cache).train_y) == len(first.train_y) - 1
 
 
 def test_centralized_script_trains_and_reports_loss_and_accuracy(tiny, tmp_path):
@@ -240,7 +241,7 @@ def test_bad_flags_are_one_line_and_exit_code_2(flag, value):
 def test_batch_augmentation_crops_from_the_reflect_padded_image_and_flips_some():
     torch.manual_seed(0)
     x = torch.rand(64, 3, 32, 32)
-    out = cifar.augment(x, torch.Generator().manual_seed(1))
+    out = batches.augment(x, torch.Generator().manual_seed(1))
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
     flipped = 0
@@ -251,23 +252,23 @@ def test_batch_augmentation_crops_from_the_reflect_padded_image_and_flips_some()
         assert any(torch.equal(out[i], w.flip(2)) for w in windows)
         flipped += 1
     assert 10 < flipped < 54  # about half
-    again = cifar.augment(x, torch.Generator().manual_seed(1))
+    again = batches.augment(x, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
 
 
 def test_augmented_batches_keep_the_tutorials_shuffle_and_labels(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
-    plain, _ = cifar.make_loaders(data, 32, CPU, seed=3)
-    augmented, _ = cifar.make_loaders(data, 32, CPU, seed=3, augment=True)
+    data = sources.load_arrays(tiny, tmp_path)
+    plain, _ = batches.make_loaders(data, 32, CPU, seed=3)
+    augmented, _ = batches.make_loaders(data, 32, CPU, seed=3, augment=True)
     pairs = list(zip(plain, augmented, strict=True))
     assert all(torch.equal(y1, y2) for (_, y1), (_, y2) in pairs)
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in pairs)
 
 
 def test_without_normalize_images_stay_in_zero_one_as_totensor_gives(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
-    fast, _ = cifar.make_loaders(data, 50, CPU, seed=0, mean_std=False)
-    slow, _ = cifar.tutorial_loaders(data, 50, seed=0, mean_std=False)
+    data = sources.load_arrays(tiny, tmp_path)
+    fast, _ = batches.make_loaders(data, 50, CPU, seed=0, mean_std=False)
+    slow, _ = batches.tutorial_loaders(data, 50, seed=0, mean_std=False)
     (x1, _), (x2, _) = next(iter(fast)), next(iter(slow))
     assert torch.equal(x1, x2) and x1.min() >= 0 and x1.max() <= 1
 
@@ -285,18 +286,18 @@ def test_load_data_returns_the_tutorials_loaders_and_counts(tiny, tmp_path):
 
 
 def test_fast_loaders_keep_the_images_as_uint8_without_a_float_copy(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
-    train, test = cifar.make_loaders(data, 32, CPU, seed=0)
+    data = sources.load_arrays(tiny, tmp_path)
+    train, test = batches.make_loaders(data, 32, CPU, seed=0)
     assert train.x is data.train_x and test.x is data.test_x  # no copy at all on the CPU
     assert train.x.dtype == torch.uint8
 
 
-def plain_sgd(net, batches, epochs: int, lr: float) -> None:
+def plain_sgd(net, loader, epochs: int, lr: float) -> None:
     """The tutorial's training loop, the reference that train() must match exactly."""
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     net.train()
     for _ in range(epochs):
-        for x, y in batches:
+        for x, y in loader:
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(net(x), y).backward()
             optimizer.step()
@@ -307,22 +308,22 @@ def distance(a, b) -> float:
 
 
 def test_train_without_proximal_term_is_exactly_the_tutorials_sgd_loop(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
+    data = sources.load_arrays(tiny, tmp_path)
     a, b = cifar.make_net(0, CPU), cifar.make_net(0, CPU)
-    cifar.train(a, cifar.make_loaders(data, 32, CPU, seed=4)[0], 2, CPU, lr=0.01, proximal_mu=0.0)
-    plain_sgd(b, cifar.make_loaders(data, 32, CPU, seed=4)[0], 2, lr=0.01)
-    assert all(np.array_equal(x, y) for x, y in zip(cifar.get_weights(a), cifar.get_weights(b)))
+    cifar.train(a, batches.make_loaders(data, 32, CPU, seed=4)[0], 2, CPU, lr=0.01, proximal_mu=0.0)
+    plain_sgd(b, batches.make_loaders(data, 32, CPU, seed=4)[0], 2, lr=0.01)
+    assert all(np.array_equal(x, y) for x, y in zip(models.get_weights(a), models.get_weights(b)))
 
 
 def test_proximal_term_keeps_the_trained_weights_closer_to_where_they_started(tiny, tmp_path):
-    data = cifar.load_arrays(tiny, tmp_path)
-    start = cifar.get_weights(cifar.make_net(0, CPU))
+    data = sources.load_arrays(tiny, tmp_path)
+    start = models.get_weights(cifar.make_net(0, CPU))
     moved = {}
     for mu in (0.0, 1.0):
         net = cifar.make_net(0, CPU)
-        loss = cifar.train(net, cifar.make_loaders(data, 32, CPU, seed=4)[0], 2, CPU, lr=0.01, proximal_mu=mu)
+        loss = cifar.train(net, batches.make_loaders(data, 32, CPU, seed=4)[0], 2, CPU, lr=0.01, proximal_mu=mu)
         assert np.isfinite(loss)
-        moved[mu] = distance(cifar.get_weights(net), start)
+        moved[mu] = distance(models.get_weights(net), start)
     assert 0 < moved[1.0] < 0.9 * moved[0.0]
 
 
@@ -347,15 +348,15 @@ class CallingBackend:
 
 
 def test_graphed_step_trains_every_batch_once_as_eager_does_the_short_last_one_eagerly(tiny, tmp_path, monkeypatch):
-    data = cifar.load_arrays(tiny, tmp_path)
+    data = sources.load_arrays(tiny, tmp_path)
     backend = CallingBackend()
-    monkeypatch.setattr(cifar, "graph_backend", lambda device: backend)
+    monkeypatch.setattr(graphs, "graph_backend", lambda device: backend)
     results = []
     for graph in (False, True):
         net = cifar.make_net(0, CPU)
-        trainloader = cifar.make_loaders(data, 32, CPU, seed=2, augment=True)[0]
+        trainloader = batches.make_loaders(data, 32, CPU, seed=2, augment=True)[0]
         loss = cifar.train(net, trainloader, 3, CPU, lr=0.01, cuda_graph=graph, proximal_mu=0.5)
-        results.append((loss, cifar.get_weights(net)))
+        results.append((loss, models.get_weights(net)))
     (eager_loss, eager_w), (graph_loss, graph_w) = results
     assert graph_loss == eager_loss
     assert all(np.array_equal(x, y) for x, y in zip(eager_w, graph_w))
@@ -367,14 +368,14 @@ def test_graphed_step_trains_every_batch_once_as_eager_does_the_short_last_one_e
 @pytest.mark.parametrize("mu", [0.0, 0.5])
 def test_cuda_graph_training_matches_eager_on_cuda(tiny, tmp_path, mu):
     cuda = torch.device("cuda:0")
-    data = cifar.load_arrays(tiny, tmp_path)
+    data = sources.load_arrays(tiny, tmp_path)
     out = []
     for graph in (False, True):
         net = cifar.make_net(0, cuda)
         loss = cifar.train(
-            net, cifar.make_loaders(data, 32, cuda, seed=2)[0], 3, cuda, cuda_graph=graph, proximal_mu=mu
+            net, batches.make_loaders(data, 32, cuda, seed=2)[0], 3, cuda, cuda_graph=graph, proximal_mu=mu
         )
-        out.append((loss, cifar.get_weights(net), cifar.test(net, cifar.make_loaders(data, 32, cuda, 0)[1], cuda)))
+        out.append((loss, models.get_weights(net), cifar.test(net, batches.make_loaders(data, 32, cuda, 0)[1], cuda)))
     (l1, w1, t1), (l2, w2, t2) = out
     assert l2 == pytest.approx(l1, rel=1e-4)
     assert all(np.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(w1, w2))

@@ -13,12 +13,33 @@ from conftest import finish, free_port, run, start
 from test_cifar import one_line_error
 
 import cifar
+from federation import config
+from federation.model import Layout
+from federation.records import RunRecord
+from federation.rounds import Rounds
+from pipeline import batches, models, sources
 
-FAST = ("--lr", 0.02, "--epochs", 2, "--batch-size", 16)  # the tiny set learns in a few rounds
+FAST = ("--lr", 0.01, "--epochs", 3, "--batch-size", 16)  # the tiny set learns in a few rounds, steadily
 
 
 def data_flags(root, cache):
     return ("--data-root", root, "--cache-dir", cache)
+
+
+def seeded(i: int, extra: tuple = ()) -> tuple:
+    """A reproducible client: the whole set with a seed of its own, or a partition with the seed all share."""
+    if "--seed" in extra:
+        return ()
+    return ("--seed", 0) if "--num-partitions" in extra else ("--seed", i)
+
+
+def wait_for_line(log: Path, text: str, proc, timeout: float = 120) -> None:
+    """Poll a process's log until it shows `text`; fail if the process exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and text in log.read_text()):
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
 
 
 def federate(tmp_path, tiny, clients, server_args=(), client_args=(), server_first=True):
@@ -32,11 +53,12 @@ def federate(tmp_path, tiny, clients, server_args=(), client_args=(), server_fir
     procs = [server()] if server_first else []
     for i, extra in enumerate(clients):
         procs.append(
-            start("client.py", "--server-address", address, *data_flags(tiny, cache), *FAST, *client_args, *extra,
-                  log=tmp_path / f"client{i}.log")
+            start("client.py", "--server-address", address, *data_flags(tiny, cache), *FAST, *seeded(i, extra),
+                  *client_args, *extra, log=tmp_path / f"client{i}.log")
         )  # fmt: skip
-    if not server_first:
-        time.sleep(3)  # the clients are up and retrying before the server exists
+    if not server_first:  # the clients are up and retrying before the server exists
+        for i, proc in enumerate(procs):
+            wait_for_line(tmp_path / f"client{i}.log", "not reachable yet, retrying", proc)
         procs.insert(0, server())
     codes = finish(procs)
     logs = [(tmp_path / "server.log").read_text()] + [
@@ -46,8 +68,9 @@ def federate(tmp_path, tiny, clients, server_args=(), client_args=(), server_fir
 
 
 def rows(run_dir):
+    """metrics.csv's rows of the rounds trained (round 0, the initial model, left out)."""
     with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+        return [r for r in csv.DictReader(f) if r["round"] != "0"]
 
 
 def test_server_and_two_clients_complete_three_rounds_with_aggregated_accuracy(tiny, tmp_path):
@@ -83,8 +106,8 @@ def test_saved_checkpoint_loads_into_net_and_reproduces_the_reported_centralized
     assert codes == [0, 0, 0], logs[0][-3000:]
     net = cifar.Net()
     net.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "round-002.pt", weights_only=True))
-    data = cifar.load_arrays(tiny, tmp_path / "cache")
-    loss, accuracy = cifar.test(net, cifar.Batches(cifar.normalize(data.test_x, "cpu"), data.test_y, 1000), "cpu")
+    data = sources.load_arrays(tiny, tmp_path / "cache")
+    loss, accuracy = cifar.test(net, batches.Batches(batches.normalize(data.test_x, "cpu"), data.test_y, 1000), "cpu")
     last = rows(tmp_path / "run")[-1]
     assert accuracy == pytest.approx(float(last["centralized_accuracy"]), abs=1e-6)
     assert loss == pytest.approx(float(last["centralized_loss"]), rel=1e-4)
@@ -170,7 +193,7 @@ def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     common = ("--server-address", address, *data_flags(tiny, cache))
     srv = start("server.py", *common, "--rounds", 3, "--run-dir", run_dir, log=tmp_path / "s1.log")
-    clients = [start("client.py", *common, *FAST, log=tmp_path / f"c{i}.log") for i in range(2)]
+    clients = [start("client.py", *common, *FAST, *seeded(i), log=tmp_path / f"c{i}.log") for i in range(2)]
     deadline = time.monotonic() + 120
     # Round 1 recorded, plot included (plot.png is redrawn every round: a stopped run has one)
     while not (run_dir / "metrics.csv").exists() or len(rows(run_dir)) < 1 or not (run_dir / "plot.png").exists():
@@ -187,7 +210,7 @@ def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_
     assert json.loads((run_dir / "config.json").read_text())["run_dir"] == str(run_dir)
 
     srv = start("server.py", *common, "--resume", run_dir, log=tmp_path / "s2.log")
-    clients = [start("client.py", *common, *FAST, log=tmp_path / f"d{i}.log") for i in range(2)]
+    clients = [start("client.py", *common, *FAST, *seeded(i), log=tmp_path / f"d{i}.log") for i in range(2)]
     assert finish([srv, *clients]) == [0, 0, 0], (tmp_path / "s2.log").read_text()[-3000:]
     assert f"Resuming {run_dir} after round {done}" in (tmp_path / "s2.log").read_text()
     assert [int(r["round"]) for r in rows(run_dir)] == [1, 2, 3]
@@ -195,18 +218,14 @@ def test_server_killed_mid_run_resumes_at_the_next_round_and_records_each_round_
 
 
 def test_resumed_rounds_start_from_the_last_checkpoint_with_the_rounds_left(tmp_path):
-    import argparse
-
     import numpy as np
 
-    import federation
-
-    record = federation.RunRecord(tmp_path)
+    record = RunRecord(tmp_path)
     record.create({})
-    weights = [w + 1 for w in cifar.get_weights(cifar.Net())]
-    record.save_checkpoint(1, weights)
+    weights = [w + 1 for w in models.get_weights(cifar.Net())]
+    record.save_checkpoint(1, weights, Layout.of(cifar.Net(), "cifar:Net"))
     record.append({"round": 1, "seconds": 1.0})
-    args = argparse.Namespace(rounds=3, seed=0, central_eval=False)
-    rounds = federation.Rounds(args, record)
+    args = config.server_parser("").parse_args(["--rounds", "3", "--no-central-eval", "--num-classes", "10"])
+    rounds = Rounds(args, record)
     assert rounds.done == 1 and rounds.rounds_left == 2
     assert all(np.array_equal(a, b) for a, b in zip(rounds.weights, weights))

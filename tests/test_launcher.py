@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ENV, ROOT, finish, free_port, run, start
 from test_cifar import one_line_error
-from test_federation import FAST, data_flags, rows
+from test_federation import FAST, data_flags, rows, seeded
 from test_safety import make_certs
 
 
@@ -141,7 +141,7 @@ def test_server_py_stopped_mid_run_by_sigterm_or_ctrl_c_exits_non_zero_and_says_
     address = f"127.0.0.1:{free_port()}"
     common = ("--server-address", address, *data_flags(tiny, tmp_path / "cache"))
     srv = start("server.py", *common, "--rounds", 500, "--run-dir", tmp_path / "run", log=tmp_path / "server.log")
-    clients = [start("client.py", *common, *FAST, log=tmp_path / f"c{i}.log") for i in range(2)]
+    clients = [start("client.py", *common, *FAST, *seeded(i), log=tmp_path / f"c{i}.log") for i in range(2)]
     try:
         wait_for(lambda: has_rows(tmp_path / "run"), srv, tmp_path / "server.log")
         srv.send_signal(signum)

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-import cifar
+from pipeline import partitions
 
 LABELS = torch.arange(2000) % 10  # sorted-by-class order is what image folders give too
 
 
 def shares(n, partitioner, seed=0, alpha=0.5, labels=LABELS):
-    return [cifar.partition_indices(labels, n, i, partitioner, alpha, seed) for i in range(n)]
+    return [partitions.partition_indices(labels, n, i, partitioner, alpha, seed) for i in range(n)]
 
 
 def test_iid_partitions_are_disjoint_cover_the_data_and_are_balanced():
@@ -40,8 +40,8 @@ def test_partitions_are_reproducible_from_the_seed_and_change_with_it():
 
 
 def test_holdout_is_disjoint_from_training_and_about_ten_percent():
-    share = cifar.partition_indices(LABELS, 2, 0, "iid")
-    train, held = cifar.split_holdout(share, 0.1, seed=0)
+    share = partitions.partition_indices(LABELS, 2, 0, "iid")
+    train, held = partitions.split_holdout(share, 0.1, seed=0)
     assert not set(train) & set(held)
     assert sorted(np.concatenate([train, held])) == sorted(share)
     assert len(held) == 100
@@ -49,7 +49,7 @@ def test_holdout_is_disjoint_from_training_and_about_ten_percent():
 
 def test_a_partition_id_out_of_range_is_refused():
     with pytest.raises(ValueError):
-        cifar.partition_indices(LABELS, 2, 2)
+        partitions.partition_indices(LABELS, 2, 2)
 
 
 @pytest.mark.parametrize("partition, partitions", [(4999, 5000), (299, 300)])

@@ -8,12 +8,13 @@ import time
 import numpy as np
 import pytest
 from conftest import ENV, ROOT, finish, free_port, run, start
-from test_federation import FAST, data_flags, rows
+from test_federation import FAST, data_flags, rows, seeded
 
 import cifar
-import federation
+from federation import screening
+from pipeline import models
 
-TEMPLATE = cifar.get_weights(cifar.Net())
+TEMPLATE = models.get_weights(cifar.Net())
 
 
 @pytest.mark.parametrize(
@@ -30,11 +31,11 @@ TEMPLATE = cifar.get_weights(cifar.Net())
     ],
 )
 def test_every_kind_of_bad_update_is_named(change, examples, complaint):
-    assert complaint in federation.update_problem(change(list(TEMPLATE)), TEMPLATE, examples)
+    assert complaint in screening.update_problem(change(list(TEMPLATE)), TEMPLATE, examples)
 
 
 def test_a_sound_update_passes():
-    assert federation.update_problem([w * 0.5 for w in TEMPLATE], TEMPLATE, 500) is None
+    assert screening.update_problem([w * 0.5 for w in TEMPLATE], TEMPLATE, 500) is None
 
 
 @pytest.mark.parametrize(
@@ -43,8 +44,8 @@ def test_a_sound_update_passes():
      (1.0, 10, {"accuracy": 1.5}), (1.0, 10, {"accuracy": -0.1}), (1.0, 10, {}), (1.0, 0, {"accuracy": 0.5})],
 )  # fmt: skip
 def test_every_kind_of_bad_evaluation_is_refused(loss, examples, metrics):
-    assert federation.evaluation_problem(loss, examples, metrics) is not None
-    assert federation.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
+    assert screening.evaluation_problem(loss, examples, metrics) is not None
+    assert screening.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
 
 
 def three_rounds(tmp_path, name, hostile=(), honest=2, server_args=()):
@@ -60,7 +61,7 @@ def three_rounds(tmp_path, name, hostile=(), honest=2, server_args=()):
     ]  # fmt: skip
     for i in range(honest):
         procs.append(
-            start("client.py", *common, *FAST, "--threads", 1, "--num-partitions", honest, "--partition-id", i,
+            start("client.py", *common, *FAST, "--threads", 1, "--num-partitions", honest, "--partition-id", i, "--seed", 0,
                   log=base / f"client{i}.log")
         )  # fmt: skip
     for j, (updates, evals) in enumerate(hostile):
@@ -91,7 +92,7 @@ def test_a_client_killed_mid_round_is_a_failure_and_the_run_finishes_with_the_re
     address = f"127.0.0.1:{free_port()}"
     common = ("--server-address", address, *data_flags(tiny, tmp_path / "cache"))
     srv = start("server.py", *common, "--min-clients", 2, "--run-dir", tmp_path / "run", log=tmp_path / "server.log")
-    honest = [start("client.py", *common, *FAST, log=tmp_path / f"c{i}.log") for i in range(2)]
+    honest = [start("client.py", *common, *FAST, *seeded(i), log=tmp_path / f"c{i}.log") for i in range(2)]
     # The victim's fit is long, so it is surely mid-round when it dies
     victim = start("client.py", *common, "--lr", 0.001, "--epochs", 500, log=tmp_path / "victim.log")
     deadline = time.monotonic() + 120
@@ -126,7 +127,8 @@ def test_a_tls_run_completes_and_a_client_with_the_wrong_ca_is_refused(tiny, tmp
     assert intruder.returncode != 0 and "Traceback" not in intruder.stderr
     assert time.monotonic() - began < 60
     clients = [
-        start("client.py", *common, *FAST, "--root-certificates", ca, log=tmp_path / f"c{i}.log") for i in range(2)
+        start("client.py", *common, *FAST, *seeded(i), "--root-certificates", ca, log=tmp_path / f"c{i}.log")
+        for i in range(2)
     ]
     assert finish([srv, *clients]) == [0, 0, 0], (tmp_path / "server.log").read_text()[-3000:]
     assert "SSL is enabled" in (tmp_path / "server.log").read_text()

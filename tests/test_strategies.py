@@ -15,7 +15,11 @@ from test_cifar import one_line_error
 from test_federation import federate, processes_with, rows
 
 import cifar
-import federation
+from federation import config, screening
+from federation.model import Layout
+from federation.records import RunRecord
+from federation.rounds import Rounds
+from pipeline import models
 
 LEGACY = (
     "flwr.compat",
@@ -68,23 +72,24 @@ def test_clients_that_disagree_on_partitioning_are_reported_by_the_server(tiny, 
 
 
 def test_partitions_from_one_scheme_agree_and_a_duplicate_id_does_not():
-    scheme = federation.partition_scheme("iid", 3, 0.5, 0)
+    scheme = screening.partition_scheme("iid", 3, 0.5, 0)
     same = {str(i): {"partition_id": i, "num_partitions": 3, "partition_scheme": scheme} for i in range(3)}
-    assert federation.partition_conflict(same) is None
+    assert screening.partition_conflict(same) is None
     same["2"]["partition_id"] = 1
-    assert "same partition" in federation.partition_conflict(same)
+    assert "same partition" in screening.partition_conflict(same)
     whole = {"a": {"partition_id": -1, "num_partitions": 0}, "b": same["0"]}
-    assert "whole set" in federation.partition_conflict(whole)
+    assert "whole set" in screening.partition_conflict(whole)
 
 
 def test_a_round_whose_every_update_is_rejected_keeps_the_model_and_says_so(tmp_path, caplog):
-    rounds = federation.Rounds(argparse.Namespace(rounds=2, seed=0, central_eval=False), federation.RunRecord(tmp_path))
+    args = config.server_parser("").parse_args(["--rounds", "2", "--no-central-eval", "--num-classes", "10"])
+    rounds = Rounds(args, RunRecord(tmp_path))
     rounds.record.create({})
     before = [w.copy() for w in rounds.weights]
     rounds.begin(1)
     bad = [w.copy() for w in before]
     bad[0][:] = np.nan
-    assert rounds.screen_updates([("7", bad, 10, {}), ("8", before[:-1], 10, {})]) == [False, False]
+    assert rounds.screen_updates([("7", bad, 10, {}), ("8", before[:-1], 10, {})]) == []  # neither accepted
     rounds.trained(None, [], rejected=2)
     rounds.evaluated([])
     rounds.end()
@@ -143,7 +148,7 @@ def test_the_app_runs_fedmedian_on_the_simulation_engine(tiny, tmp_path):
     table = rows(tmp_path / "run")
     assert [int(r["round"]) for r in table] == [1, 2] and all(r["fit_clients"] == "3" for r in table)
     assert float(table[-1]["centralized_accuracy"]) > 0.2
-    assert federation.RunRecord(tmp_path / "run").config()["strategy"] == "fedmedian"
+    assert RunRecord(tmp_path / "run").config()["strategy"] == "fedmedian"
     assert cifar.Net().load_state_dict(__import__("torch").load(tmp_path / "run" / "checkpoints" / "round-002.pt"))
 
 
@@ -153,7 +158,7 @@ def strategy_args(name: str) -> argparse.Namespace:
     )
 
 
-@pytest.mark.parametrize("name", federation.STRATEGIES)
+@pytest.mark.parametrize("name", config.STRATEGIES)
 def test_every_strategy_aggregates_seven_updates_in_both_faces(name, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -165,7 +170,8 @@ def test_every_strategy_aggregates_seven_updates_in_both_faces(name, monkeypatch
     import server
     import server_app
 
-    start = cifar.get_weights(cifar.make_net(0, "cpu"))
+    start = models.get_weights(cifar.make_net(0, "cpu"))
+    layout = Layout.of(cifar.Net(), "cifar:Net")
     rng = np.random.default_rng(0)
     updates = [[w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in start] for _ in range(7)]
     metrics = {"train_loss": 1.0, "fit_seconds": 1.0, "partition_id": 0, "num_partitions": 7, "partition_scheme": 1}
@@ -177,12 +183,12 @@ def test_every_strategy_aggregates_seven_updates_in_both_faces(name, monkeypatch
     assert all(np.isfinite(a).all() for a in parameters_to_ndarrays(parameters))
 
     current = server_app.flower_strategy(strategy_args(name))
-    current.current_arrays = {k: w for k, w in zip(federation.model_keys(), start)}  # what configure_train sets
+    current.current_arrays = {k: w for k, w in zip(layout.keys, start)}  # what configure_train sets
     replies = [
         Message(
             RecordDict(
                 {
-                    "arrays": ArrayRecord(federation.state_dict(u)),
+                    "arrays": ArrayRecord(layout.state_dict(u)),
                     "metrics": MetricRecord({**metrics, "num-examples": 100}),
                 }
             ),

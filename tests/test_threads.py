@@ -8,18 +8,19 @@ import sys
 import pytest
 from conftest import ENV, ROOT
 
-import cifar
+from pipeline import cores
 
 # A client process in miniature: registers as client.py does, then answers "count" with
 # how many clients it sees alive and how many threads it takes, until its stdin closes
 CLIENT = """
-import sys, cifar
-share = cifar.CoreShare(int(sys.argv[2]) if len(sys.argv) > 2 else None, registry=sys.argv[1])
+import sys
+from pipeline import cores
+share = cores.CoreShare(int(sys.argv[2]) if len(sys.argv) > 2 else None, registry=sys.argv[1])
 print("registered", flush=True)
 for line in sys.stdin:
     print(share.live_clients(), share.apply(), flush=True)
 """
-CORES = cifar.machine_cores()
+CORES = cores.machine_cores()
 
 
 class Client:

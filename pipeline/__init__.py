@@ -1,0 +1,1 @@
+"""The machinery under cifar.py: data sources and their cache, partitions, fast batches, graph capture, cores."""
