@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import flags
-from benchmarks import niid, scale, speed
+from benchmarks import niid, robustness, scale, speed
 from benchmarks.common import HERE, write_section
 from pipeline import partitions, sources
 
@@ -51,6 +51,24 @@ def main() -> None:
     p.add_argument("--rounds", type=flags.positive_int, default=3, help="rounds per run")
     p = sub.add_parser("profile", help="where a training step's time goes, eager and compiled")
     p.add_argument("--steps", type=flags.positive_int, default=300, help="steps per measurement")
+    p = sub.add_parser("robustness", help="the attack suite against each strategy (attack x defence)")
+    p.add_argument("--per-class", type=flags.positive_int, default=1000, help="training images per class")
+    p.add_argument("--honest", type=flags.positive_int, default=4, help="honest clients (plus 1 attacker, 2 for ALIE)")
+    p.add_argument("--rounds", type=flags.positive_int, default=5, help="rounds per run")
+    p.add_argument("--epochs", type=flags.positive_int, default=2, help="local epochs")
+    p.add_argument("--lr", type=flags.positive_float, default=0.02, help="the clients' learning rate")
+    p.add_argument("--seed", type=flags.non_negative_int, default=0, help="the clients' seed")
+    p.add_argument(
+        "--partitioners",
+        nargs="+",
+        choices=("none", *partitions.PARTITIONERS),
+        default=list(partitions.PARTITIONERS),
+        help="the clients' shares (none: every client the whole subset)",
+    )
+    p.add_argument("--rows", nargs="+", choices=list(robustness.ROWS), default=list(robustness.ROWS), help="strategies")
+    p.add_argument(
+        "--attacks", nargs="+", choices=list(robustness.ATTACKS), default=list(robustness.ATTACKS), help="attacks"
+    )
     p = sub.add_parser("niid", help="NIID-Bench's FedAvg rows (IID and Dirichlet 0.5)")
     p.add_argument("--rounds", type=flags.positive_int, default=50, help="rounds (the paper: 50)")
     p.add_argument("--partitioners", nargs="+", choices=partitions.PARTITIONERS, default=list(partitions.PARTITIONERS))
@@ -72,9 +90,12 @@ def main() -> None:
         "scale": scale.bench_scale,
         "profile": speed.bench_profile,
         "niid": niid.bench_niid,
+        "robustness": robustness.bench_robustness,
     }
     # NIID rows take long: each partitioner's row is its own section, written when it is done
-    name = "-".join([args.command, *args.partitioners]) if args.command == "niid" else args.command
+    name = "-".join([args.command, *args.partitioners]) if args.command in ("niid", "robustness") else args.command
+    if args.command == "robustness":
+        name += f"-h{args.honest}-{args.per_class}"
     if args.command == "pipeline" and args.devices != ["cpu"]:  # a GPU machine's rows beside the CPU's
         name = "-".join([args.command, *args.devices])
     if args.command == "federated" and torch.cuda.is_available():

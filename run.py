@@ -129,7 +129,7 @@ def server_command(args, address: str) -> list[str]:
         *("--max-message-mb", args.max_message_mb),
         *("--strategy", args.strategy, "--proximal-mu", args.proximal_mu, "--trim-beta", args.trim_beta),
         *("--num-malicious", args.num_malicious, "--server-lr", args.server_lr),
-        *("--screen-factor", args.screen_factor, "--max-update-norm", args.max_update_norm),
+        *("--screen", args.screen, "--clip-factor", args.clip_factor, "--max-update-norm", args.max_update_norm),
         "--central-eval" if args.central_eval else "--no-central-eval",
         "--normalize" if args.normalize else "--no-normalize",
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import flwr as fl
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import strategy as legacy
 from flwr.server.client_manager import SimpleClientManager
 
@@ -75,7 +75,12 @@ class Screened(legacy.Strategy):
             except (ValueError, OSError, EOFError):  # bytes that are no arrays at all
                 arrays = []
             updates.append((proxy.cid, arrays, res.num_examples, dict(res.metrics)))
-        accepted = [results[i] for i in self.rounds.screen_updates(updates)]
+        accepted = []
+        for i, clipped in self.rounds.screen_updates(updates):
+            proxy, res = results[i]
+            if clipped is not None:
+                res = FitRes(res.status, ndarrays_to_parameters(clipped), res.num_examples, res.metrics)
+            accepted.append((proxy, res))
         parameters, metrics = (None, {})
         if accepted:
             parameters, metrics = self.inner.aggregate_fit(server_round + self.offset, accepted, failures)

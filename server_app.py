@@ -105,7 +105,13 @@ class Screened(flower.Strategy):
                 self.rounds.reject(str(who), f"the reply {e}")
             updates.append((msg, (str(who), arrays, num_examples, metrics)))
         sound = [(msg, u) for msg, u in updates if u[1]]
-        accepted = [sound[i] for i in self.rounds.screen_updates([u for _, u in sound])]
+        accepted = []
+        for i, clipped in self.rounds.screen_updates([u for _, u in sound]):
+            msg, u = sound[i]
+            if clipped is not None:  # the strategy aggregates the clipped update in its place
+                (key,) = msg.content.array_records
+                msg.content[key] = ArrayRecord(self.rounds.layout.state_dict(clipped))
+            accepted.append((msg, u))
         arrays, metrics = (None, None)
         if accepted:
             arrays, metrics = self.inner.aggregate_train(server_round + self.offset, [m for m, _ in accepted])

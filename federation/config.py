@@ -3,6 +3,7 @@
 import argparse
 
 import flags
+from federation.robust import SCREENS
 from pipeline import options
 from pipeline.partitions import PARTITIONERS
 from pipeline.sources import CACHE_DIR, DATA_ROOT
@@ -53,18 +54,26 @@ def add_server_args(parser: flags.Parser) -> None:
         "--server-lr", type=flags.positive_float, default=0.01, help="fedadam: the server's learning rate (eta)"
     )
     parser.add_argument(
-        "--screen-factor",
+        "--screen",
+        choices=SCREENS,
+        default="consensus",
+        help="the poisoning defence before any strategy: consensus: with 3+ updates, reject one pointing away from "
+        "their geometric median and clip the others to --clip-factor x the median distance from it (honest "
+        "updates pass unchanged); none: plain aggregation (the updates' form is checked either way)",
+    )
+    parser.add_argument(
+        "--clip-factor",
         type=flags.non_negative_float,
-        default=10.0,
-        help="distance screen: with 3+ updates in a round, reject one whose L2 distance from the current global "
-        "model is over this many times the round's median distance; 0: off",
+        default=2.0,
+        help="consensus screen: clip an update farther from the geometric median than this many times the "
+        "round's median distance; 0: reject only",
     )
     parser.add_argument(
         "--max-update-norm",
         type=flags.non_negative_float,
-        default=1000.0,
-        help="distance screen: reject any update whose L2 distance from the current global model is over this "
-        "(honest updates of this CNN move it by well under 100); 0: off",
+        default=10.0,
+        help="reject any update that moves the model by more than this many times the global model's own "
+        "norm (the trained weights only); 0: off",
     )
     parser.add_argument(
         "--run-dir", type=str, default="", help="where this run's records go (default: runs/<date-time>)"
@@ -119,7 +128,8 @@ EXPERIMENT_KEYS = (
     "trim_beta",
     "num_malicious",
     "server_lr",
-    "screen_factor",
+    "screen",
+    "clip_factor",
     "max_update_norm",
 )
 

@@ -64,8 +64,8 @@ class Participant:
             self.trainloader, self.testloader = batches.make_loaders(
                 data, args.batch_size, self.device, self.shuffle_seed, *subset, **kwargs
             )
-        num_classes = data.num_classes(args.num_classes)
-        self.net, self.layout = model.build(args.model, num_classes, data.image_size, seed, self.device)
+        self.num_classes = data.num_classes(args.num_classes)
+        self.net, self.layout = model.build(args.model, self.num_classes, data.image_size, seed, self.device)
         self.resize_note = data.resize_note()
         parted = bool(args.num_partitions)
         self.identity = {

@@ -21,12 +21,13 @@ FIELDS = [
     "centralized_accuracy",
     "fit_clients",
     "rejected",
+    "clipped",
     "epsilon",
     "seconds",
     "flower_overhead_seconds",
 ]
 SCALARS = ("train_loss", "distributed_loss", "distributed_accuracy", "centralized_loss", "centralized_accuracy",
-           "fit_clients", "rejected", "epsilon", "seconds")  # fmt: skip
+           "fit_clients", "rejected", "clipped", "epsilon", "seconds")  # fmt: skip
 
 
 class CheckpointError(Exception):
@@ -206,7 +207,8 @@ def print_round(row: dict) -> None:
     print(
         f"Round {row['round']}: distributed accuracy {num('distributed_accuracy')} loss {num('distributed_loss')}"
         f" | centralized accuracy {num('centralized_accuracy')} loss {num('centralized_loss')}"
-        f" | {row.get('fit_clients', 0)} clients, {row.get('rejected', 0)} rejected{epsilon}, "
+        f" | {row.get('fit_clients', 0)} clients, {row.get('rejected', 0)} rejected, {row.get('clipped', 0)} clipped"
+        f"{epsilon}, "
         f"{row['seconds']:.1f} s{kept}",
         flush=True,
     )
@@ -214,7 +216,7 @@ def print_round(row: dict) -> None:
 
 def summary_table(rows: list[dict]) -> str:
     """The run's rounds as a fixed-width table."""
-    hidden = {"strategy", "fit_clients", "rejected", "flower_overhead_seconds"}
+    hidden = {"strategy", "fit_clients", "rejected", "clipped", "flower_overhead_seconds"}
     if not any(r.get("epsilon") for r in rows):
         hidden.add("epsilon")
     cols = [f for f in FIELDS if f not in hidden and (not rows or f in rows[0])]

@@ -1,25 +1,107 @@
-"""Poisoning defences applied before any strategy sees the updates: the distance screen."""
+"""The poisoning defence every strategy sits behind: the consensus screen, and a bound on any update's size.
+
+With 3 or more updates in a round, the consensus is their geometric median g (Weiszfeld's algorithm,
+as RFA uses it: Pillutla et al. 2019), taken over the trained weights' changes. An update pointing away
+from it (cosine <= 0) is rejected; every other update farther from g than `clip_factor` times the
+round's median distance is pulled back onto that sphere (centered clipping, Karimireddy et al. 2021,
+around g). Honest updates within that distance pass bit for bit, so with them alone the strategy sees
+exactly what it would without the screen. With fewer than 3 updates there is no consensus to judge by:
+only the size bound applies.
+"""
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-
-def distance(arrays: list[np.ndarray], weights: list[np.ndarray], mask: tuple[bool, ...]) -> float:
-    """L2 distance between a client's model and the global one, over the trained weights only."""
-    return math.sqrt(sum(float(np.sum((a.astype(np.float64) - w) ** 2)) for a, w, m in zip(arrays, weights, mask) if m))
+SCREENS = ("consensus", "none")
 
 
-def distance_screen(distances: list[float], max_update_norm: float, screen_factor: float) -> list[str | None]:
-    """Why each update is too far from the global model (None: it is not): over the bound, or with 3+
-    updates over screen_factor times the round's median distance."""
-    median = float(np.median(distances)) if len(distances) >= 3 else 0.0
-    reasons: list[str | None] = []
-    for d in distances:
-        why = None
-        if max_update_norm and d > max_update_norm:
-            why = f"over --max-update-norm {max_update_norm:g}"
-        elif screen_factor and median > 0 and d > screen_factor * median:
-            why = f"over --screen-factor {screen_factor:g} x the round's median {median:.3g}"
-        reasons.append(why)
-    return reasons
+@dataclass
+class Verdict:
+    """What the screen decided for one update: `why` it was rejected (None: kept), and its arrays when clipped."""
+
+    why: str | None = None
+    arrays: list[np.ndarray] | None = None
+    note: str | None = None  # a kept update that was clipped says by how much
+
+
+def change(arrays: list[np.ndarray], weights: list[np.ndarray], mask: tuple[bool, ...]) -> np.ndarray:
+    """An update's change of the trained weights, flattened to one float64 vector."""
+    parts = [(a.astype(np.float64) - w).ravel() for a, w, m in zip(arrays, weights, mask) if m]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def norm(arrays: list[np.ndarray], mask: tuple[bool, ...]) -> float:
+    """L2 norm of the trained weights."""
+    return math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a, m in zip(arrays, mask) if m))
+
+
+def geometric_median(points: np.ndarray, iterations: int = 100, tolerance: float = 1e-7) -> np.ndarray:
+    """The point minimising the sum of Euclidean distances to the rows of `points` (Weiszfeld)."""
+    z = np.median(points, axis=0)
+    for _ in range(iterations):
+        d = np.maximum(np.linalg.norm(points - z, axis=1), 1e-12)
+        new = (points / d[:, None]).sum(axis=0) / (1 / d).sum()
+        if np.linalg.norm(new - z) <= tolerance * max(np.linalg.norm(z), 1e-12):
+            return new
+        z = new
+    return z
+
+
+def screen(
+    updates: list[list[np.ndarray]],
+    weights: list[np.ndarray],
+    mask: tuple[bool, ...],
+    method: str = "consensus",
+    clip_factor: float = 2.0,
+    max_update_norm: float = 1.0,
+) -> list[Verdict]:
+    """The verdict on each update of a round (arrays in the model's order) against the global `weights`."""
+    bound = max_update_norm * norm(weights, mask)
+    verdicts = [Verdict() for _ in updates]
+    deltas = [change(a, weights, mask) for a in updates]
+    for v, d in zip(verdicts, deltas):
+        size = float(np.linalg.norm(d))
+        if max_update_norm and size > bound:
+            v.why = (f"it moves the model {size:.3g}, over --max-update-norm {max_update_norm:g} x the global "
+                     f"model's norm ({bound:.3g})")  # fmt: skip
+    live = [i for i, v in enumerate(verdicts) if v.why is None]
+    if method == "none" or len(live) < 3:
+        return verdicts
+    points = np.stack([deltas[i] for i in live])
+    g = geometric_median(points)
+    g_norm = float(np.linalg.norm(g))
+    distance = np.linalg.norm(points - g, axis=1)
+    kept = []
+    for row, i in enumerate(live):
+        cosine = float(points[row] @ g) / max(float(np.linalg.norm(points[row])) * g_norm, 1e-12)
+        if cosine <= 0:
+            verdicts[
+                i
+            ].why = f"it points away from the round's consensus (cosine {cosine:.2f} with its geometric median)"
+        else:
+            kept.append(row)
+    if not clip_factor or not kept:
+        return verdicts
+    radius = clip_factor * float(np.median(distance[kept]))
+    for row in kept:
+        if distance[row] > radius and distance[row] > 0:
+            i = live[row]
+            clipped = g + (points[row] - g) * (radius / distance[row])
+            verdicts[i].arrays = apply_change(clipped, updates[i], weights, mask)
+            verdicts[i].note = (f"clipped to --clip-factor {clip_factor:g} x the median distance from the "
+                                f"consensus ({distance[row] / radius * clip_factor:.1f} x)")  # fmt: skip
+    return verdicts
+
+
+def apply_change(delta: np.ndarray, arrays: list[np.ndarray], weights: list[np.ndarray], mask) -> list[np.ndarray]:
+    """The global weights plus a flattened change of the trained ones; other arrays as the client sent them."""
+    out, at = [], 0
+    for a, w, m in zip(arrays, weights, mask):
+        if m:
+            out.append((w + delta[at : at + w.size].reshape(w.shape)).astype(a.dtype))
+            at += w.size
+        else:
+            out.append(a)
+    return out

@@ -102,9 +102,9 @@ class Rounds:
         """Log an update refused before screening (a reply that holds no update at all)."""
         log.warning("Rejected update from client %s: %s", who, why)
 
-    def screen_updates(self, updates: list[Update]) -> list[int]:
-        """Which of the updates may be aggregated, in a canonical order (arrival order must not change a
-        seeded run's sums); logs each one refused."""
+    def screen_updates(self, updates: list[Update]) -> list[tuple[int, list[np.ndarray] | None]]:
+        """Which of the updates may be aggregated, each with its clipped arrays (None: as sent), in a canonical
+        order (arrival order must not change a seeded run's sums); logs each one refused or clipped."""
         sound = []
         for i, (who, arrays, num_examples, metrics) in enumerate(updates):
             problem = screening.update_problem(arrays, self.template, num_examples) or screening.metrics_problem(
@@ -114,14 +114,19 @@ class Rounds:
                 self.reject(who, problem)
             else:
                 sound.append(i)
-        mask = self.layout.weights
-        distances = [robust.distance(updates[i][1], self.weights, mask) for i in sound]
-        reasons = robust.distance_screen(distances, self.args.max_update_norm, self.args.screen_factor)
-        for i, d, why in zip(sound, distances, reasons):
-            if why:
-                log.warning("Rejected update from client %s: it moves the model %.3g from the global one, %s",
-                            updates[i][0], d, why)  # fmt: skip
-        accepted = [i for i, why in zip(sound, reasons) if not why]
+        a = self.args
+        verdicts = robust.screen([updates[i][1] for i in sound], self.weights, self.layout.weights, a.screen,
+                                 a.clip_factor, a.max_update_norm)  # fmt: skip
+        accepted, clipped = [], {}
+        for i, v in zip(sound, verdicts):
+            if v.why:
+                self.reject(updates[i][0], v.why)
+                continue
+            accepted.append(i)
+            if v.arrays is not None:
+                clipped[i] = v.arrays
+                log.warning("Clipped update from client %s: %s", updates[i][0], v.note)
+        self.row["clipped"] = len(clipped)
         conflict = screening.partition_conflict({updates[i][0]: updates[i][3] for i in accepted})
         if conflict:
             log.warning("Clients disagree on partitioning: %s", conflict)
@@ -129,7 +134,7 @@ class Rounds:
         if len(set(prints.values())) < len(prints):
             log.warning("Two clients sent identical updates: they train the same data with the same seed "
                         "(give each client its own --seed, or its own --partition-id)")  # fmt: skip
-        return sorted(accepted, key=lambda i: (prints[i], i))
+        return [(i, clipped.get(i)) for i in sorted(accepted, key=lambda i: (prints[i], i))]
 
     def trained(self, weights: list[np.ndarray] | None, metrics: list[tuple[int, dict]], rejected: int) -> None:
         """Record the round's aggregate (None: nothing accepted, the model is kept) and checkpoint it."""

@@ -83,8 +83,8 @@ def check(net: nn.Module, name: str, num_classes: int, image_size: int) -> None:
 
 
 def get_weights(net: nn.Module) -> list[np.ndarray]:
-    """The model's state as a list of NumPy arrays (in state_dict order)."""
-    return [v.detach().cpu().contiguous().numpy() for v in net.state_dict().values()]
+    """The model's state as a list of NumPy arrays (in state_dict order), copies: training goes on unseen."""
+    return [v.detach().cpu().contiguous().numpy().copy() for v in net.state_dict().values()]
 
 
 def set_weights(net: nn.Module, weights: list[np.ndarray]) -> None:

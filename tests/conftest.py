@@ -1,6 +1,7 @@
 """Shared fixtures: tiny learnable image folders, real CIFAR-10 subsets, real processes."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,32 @@ PALETTE = np.array(
      [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]]
 )  # fmt: skip
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", help="the whole suite, not only the smoke tier")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smoke: part of the smoke tier that plain `pytest` runs (under 2 minutes)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Plain `pytest` runs the smoke tier; `pytest --full` (and .ci/run) everything."""
+    if (
+        config.getoption("--full")
+        or config.getoption("keyword")
+        or config.args_source != pytest.Config.ArgsSource.TESTPATHS
+    ):
+        return  # tests asked for by file or name run whatever their tier
+    smoke = [item for item in items if item.get_closest_marker("smoke")]
+    config.hook.pytest_deselected(items=[item for item in items if not item.get_closest_marker("smoke")])
+    items[:] = smoke
+
+
+def pytest_report_header(config):
+    if not config.getoption("--full") and config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        return "smoke tier: the tutorial's scripts end to end and one test per face; `pytest --full` runs everything"
 
 
 def make_image_folder(root: Path, n_train: int = 30, n_test: int = 10, seed: int = 0) -> Path:
@@ -54,6 +81,18 @@ def real_subset(tmp_path_factory) -> Path:
             if member.isfile() and len(parts) == 4 and int(Path(parts[3]).stem) < limits[parts[1]]:
                 tar.extract(member, out, filter="data")
     return out / "cifar10-jpeg"
+
+
+def copy_app(dst: Path, clientapp: str, extra: tuple[Path, ...] = ()) -> Path:
+    """A copy of the Flower App (its modules and packages) whose ClientApp is `clientapp` ("module:app")."""
+    dst.mkdir()
+    for f in [*ROOT.glob("*.py"), *extra]:
+        shutil.copy(f, dst)
+    for package in ("pipeline", "federation"):
+        shutil.copytree(ROOT / package, dst / package, ignore=shutil.ignore_patterns("__pycache__"))
+    toml = (ROOT / "pyproject.toml").read_text().replace('"client_app:app"', f'"{clientapp}"')
+    (dst / "pyproject.toml").write_text(toml)
+    return dst
 
 
 def free_port() -> int:

@@ -3,13 +3,12 @@
 import argparse
 import os
 import re
-import shutil
 import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, copy_app, run
 from test_app import app_env, flwr_run, run_config
 from test_cifar import one_line_error
 from test_federation import federate, processes_with, rows
@@ -124,12 +123,7 @@ def simulate(tmp_path, tiny, app: Path = ROOT, nodes: int = 3, **config) -> tupl
 
 
 def test_the_app_screens_a_hostile_node_every_round_and_the_run_completes(tiny, tmp_path):
-    app = tmp_path / "hostile-app"
-    app.mkdir()
-    for f in [*ROOT.glob("*.py"), ROOT / "tests" / "hostile_app.py"]:
-        shutil.copy(f, app)
-    toml = (ROOT / "pyproject.toml").read_text().replace('"client_app:app"', '"hostile_app:app"')
-    (app / "pyproject.toml").write_text(toml)
+    app = copy_app(tmp_path / "hostile-app", "hostile_app:app", (ROOT / "tests" / "hostile_app.py",))
     code, log = simulate(tmp_path, tiny, app=app, rounds=4, partitioner="'iid'", holdout=0.2)
     assert code == 0, log[-4000:]
     table = rows(tmp_path / "run")

@@ -1,0 +1,146 @@
+"""Attack x defence: the attack suite (attacks.py) against each strategy, as real server and client processes."""
+
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ENV, free_address, load_note, read_rows, script
+from pipeline import sources
+
+# Each row: a server's flags. Flower's robust aggregators run alone (--screen none), to show what they bear
+ROWS = {  # short name: (the table's label, server.py's flags)
+    "plain": ("plain FedAvg (`--screen none`)", ("--strategy", "fedavg", "--screen", "none")),
+    "default": ("**the default**: FedAvg behind the consensus screen", ()),
+    "fedmedian": ("fedmedian", ("--strategy", "fedmedian", "--screen", "none")),
+    "fedtrimmedavg": (
+        "fedtrimmedavg (beta 0.2)",
+        ("--strategy", "fedtrimmedavg", "--trim-beta", 0.2, "--screen", "none"),
+    ),
+    "krum": ("krum (f = 1)", ("--strategy", "krum", "--num-malicious", 1, "--screen", "none")),
+    "screened-fedmedian": ("fedmedian behind the consensus screen", ("--strategy", "fedmedian")),
+}
+# Each attack column: the attacker's flags; "none" is the honest clients alone on the same shares
+ATTACKS = {  # short name: (the table's label, attacks.py's flags)
+    "none": ("none", ()),
+    "reversed": ("reversed (boost 5)", ("--attack", "reversed", "--boost", 5)),
+    "ipm": ("ipm (epsilon 0.5)", ("--attack", "ipm", "--epsilon", 0.5)),
+    "labelflip": ("labelflip", ("--attack", "labelflip")),
+    "noise": ("noise (5 x)", ("--attack", "noise", "--boost", 5)),
+    "replacement": ("replacement (at the bound)", ("--attack", "replacement")),
+    "alie": ("alie (z 1, 2 colluders)", ("--attack", "alie", "--z", 1, "--colluders", 2)),
+}
+
+
+def subset(data_root: str, per_class: int, out: Path) -> Path:
+    """An image folder of the first `per_class` training images of each class (links) and the whole test set."""
+    root = Path(data_root).expanduser()
+    if not sources.is_image_folder(root):
+        raise SystemExit(f"bench.py robustness: --data-root {root} must be an image folder (train/<class>/)")
+    for split in ("train", "test"):
+        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            (out / split / cls.name).mkdir(parents=True)
+            files = sorted(cls.iterdir())
+            for f in files[:per_class] if split == "train" else files:
+                (out / split / cls.name / f.name).symlink_to(f.resolve())
+    return out
+
+
+def federate(args, data: Path, cache: str, server_flags: tuple, attack: tuple, shares: int, partitioner: str,
+             work: Path) -> dict:  # fmt: skip
+    """One run: the honest clients (and the attack's clients) to the end; returns the final accuracy and the
+    defence's tally. The honest clients hold shares 0.., the attackers the rest."""
+    attackers = 0 if not attack else (2 if "alie" in attack else 1)
+    address, run_dir = free_address(), Path(tempfile.mkdtemp(dir=work)) / "run"
+    common = ("--server-address", address, "--data-root", data, "--cache-dir", cache)
+    alpha = ("--alpha", 0.5) if partitioner == "dirichlet" else ()
+    part = ("--num-partitions", shares, "--partitioner", partitioner, *alpha) if partitioner != "none" else ()
+
+    def train(i: int) -> tuple:  # the whole set each (none): a seed of its own; else the seed all share
+        seed = args.seed + i if partitioner == "none" else args.seed
+        return ("--lr", args.lr, "--epochs", args.epochs, "--threads", 1, "--seed", seed,
+                *(("--partition-id", i) if part else ()))  # fmt: skip
+
+    quiet = {"env": ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
+    logs = []
+    server = [*common, "--rounds", args.rounds, "--min-clients", args.honest + attackers, "--run-dir", run_dir]
+    procs = [subprocess.Popen(script("server.py", *server, *server_flags), **quiet)]
+    try:
+        for i in range(args.honest):
+            procs.append(subprocess.Popen(script("client.py", *common, *part, *train(i)), **quiet))
+        knows = server_flags[server_flags.index("--screen") :][:2] if "--screen" in server_flags else ()
+        for j in range(attackers):
+            log = run_dir.parent / f"attacker{j}.log"
+            logs.append(log)
+            cmd = script("attacks.py", *common, *part, *train(args.honest + j), *attack, *knows,
+                         "--collude-dir", run_dir.parent / "collude")  # fmt: skip
+            procs.append(subprocess.Popen(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT))
+        codes = [p.wait(timeout=3600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if codes[0] != 0:
+        raise RuntimeError(f"server exited with {codes[0]} ({server_flags}, {attack})")
+    rows = read_rows(run_dir)
+    return {
+        "accuracy": float(rows[-1]["centralized_accuracy"]),
+        "rejected": statistics.mean(int(r["rejected"] or 0) for r in rows),
+        "clipped": statistics.mean(int(r["clipped"] or 0) for r in rows),
+    }
+
+
+def bench_robustness(args, cache: str) -> str:
+    load_start = os.getloadavg()[0]
+    results: dict[tuple[str, str, str], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = subset(args.data_root, args.per_class, Path(tmp) / "data")
+        for partitioner in args.partitioners:
+            for row in args.rows:
+                server_flags = ROWS[row][1]
+                # The same shares with and without the attackers; honest clients alone: one share each
+                extra = {"alie": 2, "none": 1 if args.attacks != ["none"] else 0}
+                runs = [(column, ATTACKS[column][1], args.honest + extra.get(column, 1)) for column in args.attacks]
+                if "alie" in args.attacks:
+                    runs.append(("none6", (), args.honest + 2))  # ALIE's honest reference
+                for column, attack, shares in runs:
+                    started = time.perf_counter()
+                    r = federate(args, data, cache, server_flags, attack, shares, partitioner, Path(tmp))
+                    results[(partitioner, row, column)] = r
+                    print(f"{(partitioner, row, column)}: {r} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return report(args, results, load_start)
+
+
+def report(args, results: dict, load_start: float) -> str:
+    columns = [*args.attacks, *(["none6"] if "alie" in args.attacks else [])]
+    labels = {**{k: v[0] for k, v in ATTACKS.items()}, "none6": f"none ({args.honest + 2} shares)"}
+    lines = [
+        f"## Robustness: the attack suite against each strategy, {args.honest} honest clients",
+        "",
+        (
+            f"`python3 bench.py robustness --data-root {args.data_root} --per-class {args.per_class} "
+            f"--rounds {args.rounds} --lr {args.lr} --epochs {args.epochs} --honest {args.honest} "
+            f"--partitioners {' '.join(args.partitioners)} --rows {' '.join(args.rows)} --attacks {' '.join(args.attacks)}`"
+            f": {args.honest} honest `client.py` and 1 attacker (`attacks.py`; 2 colluders for ALIE) as real "
+            f"processes with `server.py`, each client its own share (*none*: all) of a {args.per_class * 10:,}-image training "
+            f"subset (the first {args.per_class} images of each class), {args.rounds} rounds of {args.epochs} "
+            f"local epochs at lr {args.lr}, seed {args.seed}. Cells: centralized accuracy on the full 10,000-image "
+            f"test set after the last round. *none* is the honest clients alone on the same shares (of {args.honest + 1}; "
+            f"*none ({args.honest + 2} shares)* is ALIE's reference, of {args.honest + 2}). In brackets: updates the defence rejected / "
+            "clipped per round, on average (the honest clients' included)."
+        ),
+    ]
+    for partitioner in args.partitioners:
+        lines += ["", f"### {partitioner}{' (alpha 0.5)' if partitioner == 'dirichlet' else ''}", "",
+                  "| strategy | " + " | ".join(labels[c] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]  # fmt: skip
+        for row in args.rows:
+            cells = []
+            for column in columns:
+                r = results.get((partitioner, row, column))
+                tally = f" [{r['rejected']:.1f}/{r['clipped']:.1f}]" if r and (r["rejected"] or r["clipped"]) else ""
+                cells.append(f"{r['accuracy']:.3f}{tally}" if r else "")
+            lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
+    lines += ["", load_note(load_start)]
+    return "\n".join(lines)
