@@ -121,7 +121,7 @@ class Attacker:
         key = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in weights)).hexdigest()[:16]
         folder = a.collude_dir / key
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{os.getpid()}.tmp.npy"
+        tmp = folder / f"writing-{os.getpid()}.npy"  # not a colluder's update until it is renamed
         np.save(tmp, own)
         os.replace(tmp, folder / f"{os.getpid()}.npy")
         deadline = time.monotonic() + 600

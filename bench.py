@@ -7,6 +7,8 @@
     python3 bench.py scale --data-root /tmp/data/cifar10-jpeg        # Simulation Engine, 10 to 1,000 clients
     python3 bench.py profile --data-root /tmp/data/cifar10-jpeg      # what bounds a training step
     python3 bench.py niid --data-root /tmp/data/cifar10-jpeg         # NIID-Bench's FedAvg rows
+    python3 bench.py robustness --data-root /tmp/data/cifar10-jpeg   # the attack suite against each strategy
+    python3 bench.py privacy --data-root /tmp/data/cifar10-jpeg      # accuracy against epsilon, both kinds of DP
 
 Timings are medians of several runs; where two setups are compared they alternate, so a
 drift in the machine's speed hits both alike. The benchmarks themselves live in benchmarks/.
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 import flags
-from benchmarks import niid, robustness, scale, speed
+from benchmarks import niid, privacy, robustness, scale, speed
 from benchmarks.common import HERE, write_section
 from pipeline import partitions, sources
 
@@ -69,6 +71,20 @@ def main() -> None:
     p.add_argument(
         "--attacks", nargs="+", choices=list(robustness.ATTACKS), default=list(robustness.ATTACKS), help="attacks"
     )
+    p = sub.add_parser("privacy", help="accuracy against epsilon: central DP (Simulation) and DP-SGD (three terminals)")
+    p.add_argument("--faces", nargs="+", choices=("central", "dp-sgd"), default=["central", "dp-sgd"], help="which DP")
+    p.add_argument("--epsilons", type=flags.positive_float, nargs="+", default=[1.0, 4.0, 8.0], help="targets")
+    p.add_argument("--delta", type=flags.fraction, default=1e-5, help="delta of every epsilon")
+    p.add_argument("--rounds", type=flags.positive_int, default=10, help="rounds per run")
+    p.add_argument("--epochs", type=flags.positive_int, default=1, help="local epochs per round")
+    p.add_argument("--lr", type=flags.positive_float, default=0.02, help="the clients' learning rate")
+    p.add_argument("--seed", type=flags.non_negative_int, default=0, help="the clients' seed")
+    p.add_argument("--clients", type=flags.positive_int, default=100, help="central DP: simulated clients")
+    p.add_argument("--fraction", type=flags.fraction, default=0.1, help="central DP: fraction sampled per round")
+    p.add_argument("--min-sampled", type=flags.positive_int, default=2, help="central DP: clients sampled at least")
+    p.add_argument("--clip-norm", type=flags.positive_float, default=0.1, help="central DP: each update's bound C")
+    p.add_argument("--batch-size", type=flags.positive_int, default=256, help="DP-SGD: expected batch size")
+    p.add_argument("--dp-sgd-clip", type=flags.positive_float, default=1.0, help="DP-SGD: per-example bound")
     p = sub.add_parser("niid", help="NIID-Bench's FedAvg rows (IID and Dirichlet 0.5)")
     p.add_argument("--rounds", type=flags.positive_int, default=50, help="rounds (the paper: 50)")
     p.add_argument("--partitioners", nargs="+", choices=partitions.PARTITIONERS, default=list(partitions.PARTITIONERS))
@@ -91,11 +107,14 @@ def main() -> None:
         "profile": speed.bench_profile,
         "niid": niid.bench_niid,
         "robustness": robustness.bench_robustness,
+        "privacy": privacy.bench_privacy,
     }
     # NIID rows take long: each partitioner's row is its own section, written when it is done
     name = "-".join([args.command, *args.partitioners]) if args.command in ("niid", "robustness") else args.command
     if args.command == "robustness":
         name += f"-h{args.honest}-{args.per_class}"
+    if args.command == "privacy":
+        name = "-".join([args.command, *args.faces])
     if args.command == "pipeline" and args.devices != ["cpu"]:  # a GPU machine's rows beside the CPU's
         name = "-".join([args.command, *args.devices])
     if args.command == "federated" and torch.cuda.is_available():

@@ -12,6 +12,7 @@ from typing import NoReturn
 import flwr as fl
 import grpc
 import numpy as np
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
 import flags
 from federation import config
@@ -32,9 +33,12 @@ class CifarClient(fl.client.NumPyClient):
     def fit(self, parameters, config):
         # FedProx sends its proximal term's weight; every other strategy trains plainly
         try:
-            return self.participant.fit(parameters, proximal_mu=float(config.get("proximal_mu", 0.0)))
+            weights, n, metrics = self.participant.fit(parameters, proximal_mu=float(config.get("proximal_mu", 0.0)))
         except ModelMismatch as e:
             fail(self.prog, str(e), 2)  # not an Exception: Flower's handler does not print it as a traceback
+        if KEY_CLIPPING_NORM in config:  # central DP with client-side clipping: the update, clipped here
+            compute_clip_model_update(weights, parameters, float(config[KEY_CLIPPING_NORM]))
+        return weights, n, metrics
 
     def evaluate(self, parameters, config):
         try:

@@ -5,9 +5,12 @@ in pyproject.toml mirrors client.py's flags and is parsed by the same code.
 """
 
 import functools
+import json
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from federation import config
 from federation.participant import Participant
@@ -28,7 +31,15 @@ def participant(context: Context) -> Participant:
     node = {k: v for k, v in context.node_config.items() if k in ("partition-id", "num-partitions")}
     args = config.args_from_config(parser, {**context.run_config, **node}, RENAMES)
     config.check_partition_args(parser, args)
-    return Participant(args, _shared_data(args.data_root, args.cache_dir, args.image_size))
+    # A DP-SGD client's accountant lives in the node's context from one round to the next
+    history = json.loads(context.state["dp-sgd"]["history"]) if "dp-sgd" in context.state else None
+    return Participant(args, _shared_data(args.data_root, args.cache_dir, args.image_size), history)
+
+
+def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's fixedclipping_mod when the server's central DP asks the clients to clip, else nothing."""
+    clips = any(KEY_CLIPPING_NORM in c for c in msg.content.config_records.values())
+    return fixedclipping_mod(msg, context, call_next) if clips else call_next(msg, context)
 
 
 def weights_of(msg: Message) -> list:
@@ -36,13 +47,15 @@ def weights_of(msg: Message) -> list:
     return msg.content["arrays"].to_numpy_ndarrays()
 
 
-@app.train()
+@app.train(mods=[client_side_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's data; reply with the new model and num-examples."""
     me = participant(context)
     # FedProx sends its proximal term's weight; every other strategy trains plainly
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     weights, num_examples, metrics = me.fit(weights_of(msg), proximal_mu=mu)
+    if me.dpsgd is not None:
+        context.state["dp-sgd"] = ConfigRecord({"history": json.dumps(me.dpsgd.history())})
     content = RecordDict(
         {
             "arrays": ArrayRecord(me.layout.state_dict(weights)),

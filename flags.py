@@ -77,8 +77,10 @@ non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a number > 0")
 non_negative_float = _number(float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+cosine = _number(float, lambda v: -1 <= v <= 1, "a cosine in [-1, 1]")
 proportion = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 port = _number(int, lambda v: 0 <= v <= 65535, "a port in 0..65535")
+seed_or_none = _number(int, lambda v: v >= -1, "an integer >= 0, or -1 for none")
 
 
 def given(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> set[str]:

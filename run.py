@@ -24,7 +24,7 @@ from pathlib import Path
 
 import flags
 import server
-from federation import config, model, records
+from federation import config, model, privacy, records
 from pipeline import models, options, partitions, sources
 
 HERE = Path(__file__).resolve().parent
@@ -106,6 +106,10 @@ def client_command(args, address: str, i: int) -> list[str]:
         "--augment" if args.augment else "--no-augment",
         "--normalize" if args.normalize else "--no-normalize",
         "--cuda-graph" if args.cuda_graph else "--no-cuda-graph",
+        "--dp-sgd" if args.dp_sgd else "--no-dp-sgd",
+        *("--dp-sgd-noise", args.dp_sgd_noise, "--dp-sgd-clip", args.dp_sgd_clip, "--dp-delta", args.dp_delta),
+        "--dp-seed",
+        args.dp_seed,
     ]
     if args.partitioner != "none":
         cmd += ["--partition-id", i, "--num-partitions", args.clients, "--partitioner", args.partitioner]
@@ -129,7 +133,20 @@ def server_command(args, address: str) -> list[str]:
         *("--max-message-mb", args.max_message_mb),
         *("--strategy", args.strategy, "--proximal-mu", args.proximal_mu, "--trim-beta", args.trim_beta),
         *("--num-malicious", args.num_malicious, "--server-lr", args.server_lr),
-        *("--screen", args.screen, "--clip-factor", args.clip_factor, "--max-update-norm", args.max_update_norm),
+        *(
+            "--screen",
+            args.screen,
+            "--min-cosine",
+            args.min_cosine,
+            "--clip-factor",
+            args.clip_factor,
+            "--max-update-norm",
+            args.max_update_norm,
+        ),
+        *("--dp", args.dp, "--dp-clipping", args.dp_clipping, "--dp-noise", args.dp_noise),
+        *("--dp-clip-norm", args.dp_clip_norm, "--dp-delta", args.dp_delta, "--dp-max-epsilon", args.dp_max_epsilon),
+        "--dp-seed",
+        args.dp_seed,
         "--central-eval" if args.central_eval else "--no-central-eval",
         "--normalize" if args.normalize else "--no-normalize",
     ]
@@ -222,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[flags.Parser, argparse.Na
     server.add_script_args(parser)
     options.add_data_args(parser)
     options.add_train_args(parser, epochs=1)
+    privacy.add_central_args(parser)
+    privacy.add_dp_sgd_args(parser, delta=False)  # the server's --dp-delta serves both
     # run.py computes these two from --clients, so their help says so instead of the scripts' own
     for action in parser._actions:
         if action.dest == "min_clients":
@@ -247,7 +266,7 @@ def restore(parser: flags.Parser, args: argparse.Namespace, given: set[str]) -> 
         return
     saved = json.loads(path.read_text())
     for key, value in saved.items():
-        if key in SESSION_FLAGS or key == "rounds" or not hasattr(args, key):
+        if key in SESSION_FLAGS or key in ("rounds", *config.RESUME_MAY_CHANGE) or not hasattr(args, key):
             continue
         if key in explicit and explicit[key] != value:
             parser.error(

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import NoReturn
 
 import flwr as fl
-from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import strategy as legacy
 from flwr.server.client_manager import SimpleClientManager
 
 import flags
-from federation import config, records, screening
+from federation import config, privacy, records, screening
+from federation.privacy import BudgetExhausted
 from federation.rounds import Rounds, open_run
 from pipeline import options
 
@@ -38,7 +39,7 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
         "fit_metrics_aggregation_fn": screening.weighted_average,
     }
     f = args.num_malicious
-    return {
+    inner = {
         "fedavg": lambda: legacy.FedAvg(**sampling),
         "fedprox": lambda: legacy.FedProx(**sampling, proximal_mu=args.proximal_mu),
         "fedadam": lambda: legacy.FedAdam(**sampling, eta=args.server_lr),
@@ -48,6 +49,14 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
         # Bulyan's first rule is Krum, whose `to_keep` legacy Bulyan does not pass by itself (flwr 1.42)
         "bulyan": lambda: legacy.Bulyan(**sampling, num_malicious_clients=f, to_keep=0),
     }[args.strategy]()
+    if args.dp == "none":
+        return inner
+    # Central DP, Flower's wrapper; how many clients it averages is set once they are sampled
+    wrapper = {
+        "server-clipping": legacy.DifferentialPrivacyServerSideFixedClipping,
+        "client-clipping": legacy.DifferentialPrivacyClientSideFixedClipping,
+    }[args.dp]
+    return wrapper(inner, args.dp_noise, args.dp_clip_norm, num_sampled_clients=1)
 
 
 class Screened(legacy.Strategy):
@@ -58,13 +67,23 @@ class Screened(legacy.Strategy):
 
     def __init__(self, inner: legacy.Strategy, rounds: Rounds) -> None:
         self.inner, self.rounds, self.offset = inner, rounds, rounds.done
+        self.exhausted: str | None = None  # why the run stopped early: its privacy budget
 
     def initialize_parameters(self, client_manager):
         return ndarrays_to_parameters(self.rounds.weights)
 
     def configure_fit(self, server_round, parameters, client_manager):
+        if self.exhausted:
+            return []  # Flower runs the rounds left as empty ones, then tells its clients to disconnect
         instructions = self.inner.configure_fit(server_round + self.offset, parameters, client_manager)
-        self.rounds.begin(server_round + self.offset)
+        if self.rounds.privacy:
+            self.inner.num_sampled_clients = len(instructions)
+            self.rounds.sampled(client_manager.num_available(), len(instructions))
+        try:
+            self.rounds.begin(server_round + self.offset)
+        except BudgetExhausted as e:
+            self.exhausted = str(e)
+            return []
         return instructions
 
     def aggregate_fit(self, server_round, results, failures):
@@ -81,21 +100,29 @@ class Screened(legacy.Strategy):
             if clipped is not None:
                 res = FitRes(res.status, ndarrays_to_parameters(clipped), res.num_examples, res.metrics)
             accepted.append((proxy, res))
-        parameters, metrics = (None, {})
-        if accepted:
-            parameters, metrics = self.inner.aggregate_fit(server_round + self.offset, accepted, failures)
-        weights = parameters_to_ndarrays(parameters) if parameters is not None else None
         rejected = len(results) - len(accepted) + len(failures)
+        inputs, dropped = accepted, failures
+        if self.rounds.dp_sample:  # central DP: a mean of exactly m updates with equal weights
+            unchanged = ndarrays_to_parameters(privacy.stand_in(self.rounds.weights))  # a missing update: zero
+            inputs = [(p, FitRes(r.status, r.parameters, 1, r.metrics)) for p, r in accepted]
+            inputs += [(None, FitRes(Status(Code.OK, ""), unchanged, 1, {}))] * (self.rounds.dp_sample - len(inputs))
+            dropped = []
+        parameters, metrics = (None, {})
+        if inputs:
+            parameters, metrics = self.inner.aggregate_fit(server_round + self.offset, inputs, dropped)
+        weights = parameters_to_ndarrays(parameters) if parameters is not None else None
         self.rounds.trained(weights, [(r.num_examples, dict(r.metrics)) for _, r in accepted], rejected)
         return ndarrays_to_parameters(self.rounds.weights), metrics
 
     def evaluate(self, server_round, parameters):
-        if server_round == 0:
-            return None  # the starting model is no round's result
+        if server_round == 0 or self.exhausted:
+            return None  # the starting model is no round's result; a stopped run has none
         result = self.rounds.central()
         return None if result is None else (result[0], {"accuracy": result[1]})
 
     def configure_evaluate(self, server_round, parameters, client_manager):
+        if self.exhausted:
+            return []
         instructions = self.inner.configure_evaluate(server_round + self.offset, parameters, client_manager)
         if not instructions:  # Flower skips aggregate_evaluate then: the round ends here
             self.rounds.end()
@@ -166,7 +193,8 @@ def add_script_args(parser: flags.Parser) -> None:
 
 def check_resume(parser: flags.Parser, args: argparse.Namespace, given: set[str] = frozenset()) -> None:
     """--resume must name a run directory; its experiment settings replace the flags', but for a --rounds given
-    (in `given`), which sets the run's new total: more extends it, fewer than it has done is refused."""
+    (in `given`), which sets the run's new total (more extends it, fewer than it has done is refused), and a
+    --dp-max-epsilon given, a new privacy budget."""
     if args.resume is None:
         return
     if not (args.resume / "config.json").is_file():
@@ -174,7 +202,8 @@ def check_resume(parser: flags.Parser, args: argparse.Namespace, given: set[str]
     rounds = args.rounds
     saved = records.RunRecord(args.resume).config()
     for key in config.EXPERIMENT_KEYS:
-        setattr(args, key, saved.get(key, getattr(args, key)))
+        if key not in given or key not in config.RESUME_MAY_CHANGE:
+            setattr(args, key, saved.get(key, getattr(args, key)))
     args.run_dir = args.resume
     if "rounds" in given:
         done = records.RunRecord(args.resume).last_round()
@@ -242,13 +271,15 @@ def main() -> None:
     certificates = tuple(p.read_bytes() for p in args.certificates) if args.certificates else None
 
     initial = ndarrays_to_parameters(rounds.weights)
+    privacy.seed_noise(args)
     announce_listening(args.server_address)
     stopped = False  # by a signal, through Flower's handler
+    strategy = Screened(flower_strategy(args, initial), rounds)
     try:
         fl.server.start_server(
             server_address=args.server_address,
             config=fl.server.ServerConfig(num_rounds=rounds.rounds_left, round_timeout=args.round_timeout),
-            strategy=Screened(flower_strategy(args, initial), rounds),
+            strategy=strategy,
             client_manager=WaitingClientManager(),
             certificates=certificates,
             grpc_max_message_length=rounds.layout.message_bytes(args.max_message_mb),
@@ -269,6 +300,9 @@ def main() -> None:
     record.close()
     print(records.summary_table(record.rows()))
     print(f"Run directory: {args.run_dir} (config.json, metrics.csv, plot.png, checkpoints/)")
+    if strategy.exhausted:  # the privacy budget ends the run: done, not failed
+        print(f"Stopped after round {record.last_round()} of {args.rounds}: {strategy.exhausted}", flush=True)
+        return
     if record.last_round() < args.rounds:
         message = f"{parser.prog}: error: the run stopped after round {record.last_round()} of {args.rounds}"
         if stopped:

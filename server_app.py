@@ -10,15 +10,16 @@ from datetime import datetime
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 
 import client_app
 import flags
-from federation import config, screening
+from federation import config, privacy, screening
 from federation.model import Layout
+from federation.privacy import BudgetExhausted
 from federation.rounds import Rounds, open_run
 
 APP_RUNS = "~/flower-cifar/runs"  # where the App's runs go unless run-dir says otherwise
@@ -49,7 +50,7 @@ def flower_strategy(args) -> flower.Strategy:
         "evaluate_metrics_aggr_fn": average_metrics,
     }
     f = args.num_malicious
-    return {
+    inner = {
         "fedavg": lambda: flower.FedAvg(**sampling),
         "fedprox": lambda: flower.FedProx(**sampling, proximal_mu=args.proximal_mu),
         "fedadam": lambda: flower.FedAdam(**sampling, eta=args.server_lr),
@@ -58,6 +59,14 @@ def flower_strategy(args) -> flower.Strategy:
         "krum": lambda: flower.Krum(**sampling, num_malicious_nodes=f),
         "bulyan": lambda: flower.Bulyan(**sampling, num_malicious_nodes=f),
     }[args.strategy]()
+    if args.dp == "none":
+        return inner
+    # Central DP, Flower's wrapper; how many clients it averages is set once they are sampled
+    wrapper = {
+        "server-clipping": flower.DifferentialPrivacyServerSideFixedClipping,
+        "client-clipping": flower.DifferentialPrivacyClientSideFixedClipping,
+    }[args.dp]
+    return wrapper(inner, args.dp_noise, args.dp_clip_norm, num_sampled_clients=1)
 
 
 def unpack_update(content: RecordDict, layout: Layout) -> tuple[list, int, dict]:
@@ -69,7 +78,7 @@ def unpack_update(content: RecordDict, layout: Layout) -> tuple[list, int, dict]
         raise ValueError(f"holds arrays {list(arrays.keys())}, the model's are {list(layout.keys)}")
     metrics = dict(next(iter(content.metric_records.values())))
     required = {"num-examples", *screening.TRAIN_METRICS}
-    if not required <= set(metrics) <= required | set(screening.CLIENT_SETTINGS):
+    if not required <= set(metrics) <= required | set(screening.OPTIONAL_METRICS):
         raise ValueError(f"reports metrics {sorted(metrics)}, expected {sorted(required)} and the training settings")
     return arrays.to_numpy_ndarrays(), metrics.pop("num-examples"), metrics
 
@@ -85,8 +94,11 @@ class Screened(flower.Strategy):
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        messages = self.inner.configure_train(server_round + self.offset, arrays, config, grid)
-        self.rounds.begin(server_round + self.offset)
+        messages = list(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
+        if self.rounds.privacy:
+            self.inner.num_sampled_clients = len(messages)
+            self.rounds.sampled(len(list(grid.get_node_ids())), len(messages))
+        self.rounds.begin(server_round + self.offset)  # BudgetExhausted ends the run before this round
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -112,9 +124,13 @@ class Screened(flower.Strategy):
                 (key,) = msg.content.array_records
                 msg.content[key] = ArrayRecord(self.rounds.layout.state_dict(clipped))
             accepted.append((msg, u))
+        inputs = [m for m, _ in accepted]
+        if self.rounds.dp_sample:  # central DP: a mean of exactly m updates with equal weights
+            unchanged = self.rounds.layout.state_dict(privacy.stand_in(self.rounds.weights))  # a missing update: zero
+            inputs = equal_weights(inputs, self.rounds.dp_sample, unchanged)
         arrays, metrics = (None, None)
-        if accepted:
-            arrays, metrics = self.inner.aggregate_train(server_round + self.offset, [m for m, _ in accepted])
+        if inputs:
+            arrays, metrics = self.inner.aggregate_train(server_round + self.offset, inputs)
         weights = None if arrays is None else [arrays[k].numpy() for k in self.rounds.layout.keys]
         self.rounds.trained(weights, [(u[2], u[3]) for _, u in accepted], len(replies) - len(accepted))
         return ArrayRecord(self.rounds.layout.state_dict(self.rounds.weights)), metrics
@@ -146,6 +162,22 @@ class Screened(flower.Strategy):
         return None if result is None else MetricRecord({"loss": result[0], "accuracy": result[1]})
 
 
+def equal_weights(replies: list[Message], count: int, unchanged: dict) -> list[Message]:
+    """`count` replies of weight 1: these, then stand-ins holding the unchanged global model (a zero update)."""
+    template = dict(replies[0].content["metrics"]) if replies else {}
+    for msg in replies:
+        msg.content["metrics"]["num-examples"] = 1
+    stand_ins = [
+        Message(
+            RecordDict({"arrays": ArrayRecord(unchanged), "metrics": MetricRecord({**template, "num-examples": 1})}),
+            dst_node_id=0,
+            message_type=MessageType.TRAIN,
+        )
+        for _ in range(count - len(replies))
+    ]
+    return [*replies, *stand_ins]
+
+
 def open_app_run(run_config: dict) -> Rounds:
     """The run the run config describes, new or continued; flags.ConfigError says why it cannot run."""
     parser = config.server_parser("The Flower App's server: pyproject.toml's run config, as server.py's flags.")
@@ -164,21 +196,25 @@ def main(grid: Grid, context: Context) -> None:
     """Run (or continue) the experiment that the run config describes."""
     try:
         rounds = open_app_run(context.run_config)
-    except flags.ConfigError as e:  # the run ends as failed, with the reason in one line
+    except flags.ConfigError as e:  # the reason in one line; raised on, for Flower to end the run as failed
         log(ERROR, "The run config cannot run: %s", e)
-        raise SystemExit(2) from None
+        raise
     args = rounds.args
     if rounds.rounds_left <= 0:
         log(INFO, "%s already completed all %s rounds", args.run_dir, args.rounds)
         return
     if rounds.done:
         log(INFO, "Resuming %s after round %s: %s round(s) left", args.run_dir, rounds.done, rounds.rounds_left)
+    privacy.seed_noise(args)
     strategy = Screened(flower_strategy(args), rounds)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(rounds.layout.state_dict(rounds.weights)),
-        num_rounds=rounds.rounds_left,
-        evaluate_fn=strategy.end_round,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(rounds.layout.state_dict(rounds.weights)),
+            num_rounds=rounds.rounds_left,
+            evaluate_fn=strategy.end_round,
+        )
+    except BudgetExhausted as e:  # done, not failed
+        log(INFO, "Stopped after round %s of %s: %s", rounds.done, args.rounds, e)
     rounds.record.close()
     log(INFO, "Run directory: %s (config.json, metrics.csv, plot.png, checkpoints/)", rounds.record.dir)

@@ -3,6 +3,7 @@
 import argparse
 
 import flags
+from federation import privacy
 from federation.robust import SCREENS
 from pipeline import options
 from pipeline.partitions import PARTITIONERS
@@ -58,8 +59,15 @@ def add_server_args(parser: flags.Parser) -> None:
         choices=SCREENS,
         default="consensus",
         help="the poisoning defence before any strategy: consensus: with 3+ updates, reject one pointing away from "
-        "their geometric median and clip the others to --clip-factor x the median distance from it (honest "
+        "their geometric median (cosine under --min-cosine) and clip the others to --clip-factor x the median distance from it (honest "
         "updates pass unchanged); none: plain aggregation (the updates' form is checked either way)",
+    )
+    parser.add_argument(
+        "--min-cosine",
+        type=flags.cosine,
+        default=-0.1,
+        help="consensus screen: reject an update whose cosine with the round's geometric median is below this "
+        "(honest updates on label-skewed shares can be near -0.05; reversed and IPM attacks sit near -1)",
     )
     parser.add_argument(
         "--clip-factor",
@@ -81,7 +89,10 @@ def add_server_args(parser: flags.Parser) -> None:
 
 
 def strategy_problem(args: argparse.Namespace) -> str | None:
-    """Why the chosen strategy cannot work with these settings, or None."""
+    """Why the chosen strategy (or privacy with it) cannot work with these settings, or None."""
+    problem = privacy.central_problem(args)
+    if problem:
+        return problem
     f, n = args.num_malicious, args.min_clients
     if args.strategy == "krum" and n < 2 * f + 3:
         return f"krum with --num-malicious {f} needs --min-clients >= {2 * f + 3} (2f+3), not {n}"
@@ -99,6 +110,7 @@ def server_parser(description: str) -> flags.Parser:
     parser.add_argument("--data-root", default=DATA_ROOT, help="the data, for the centralized evaluation (as cifar.py)")
     parser.add_argument("--cache-dir", default=CACHE_DIR, help="where decoded image folders are cached; '' to disable")
     options.add_model_args(parser)
+    privacy.add_central_args(parser)
     parser.add_argument("--device", default="cpu", help="device for the centralized evaluation")
     parser.add_argument(
         "--normalize",
@@ -129,9 +141,19 @@ EXPERIMENT_KEYS = (
     "num_malicious",
     "server_lr",
     "screen",
+    "min_cosine",
     "clip_factor",
     "max_update_norm",
+    "dp",
+    "dp_clipping",
+    "dp_noise",
+    "dp_clip_norm",
+    "dp_delta",
+    "dp_max_epsilon",
 )
+
+
+RESUME_MAY_CHANGE = ("dp_max_epsilon",)  # besides --rounds: a stopping rule, not the experiment
 
 
 def args_from_config(parser: flags.Parser, config: dict, renames: dict[str, str | None]) -> argparse.Namespace:
@@ -209,6 +231,7 @@ def client_parser(description: str) -> flags.Parser:
     options.add_data_args(parser)
     options.add_train_args(parser, epochs=1)
     add_partition_args(parser)
+    privacy.add_dp_sgd_args(parser)
     # The tutorial's clients shuffle at random, each its own way; a seed makes one repeat
     parser.set_defaults(seed=None)
     for action in parser._actions:
@@ -229,3 +252,5 @@ def check_partition_args(parser: flags.Parser, args: argparse.Namespace, given: 
     problem = share_problem(args, given, args.num_partitions is not None)
     if problem:
         parser.error(problem)
+    if args.dp_sgd and args.pipeline != "fast":
+        parser.error("--dp-sgd draws Poisson batches from --pipeline fast only")

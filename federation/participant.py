@@ -23,7 +23,7 @@ class Participant:
     evaluates on the held-out part, as a real client with only its own data would.
     """
 
-    def __init__(self, args: argparse.Namespace, data: sources.Data | None = None) -> None:
+    def __init__(self, args: argparse.Namespace, data: sources.Data | None = None, dp_history=None) -> None:
         self.args = args
         self.device = options.resolve_device(args.device)
         self.cores = cores.CoreShare(args.threads)  # --threads, or this machine's cores among its live clients
@@ -67,6 +67,11 @@ class Participant:
         self.num_classes = data.num_classes(args.num_classes)
         self.net, self.layout = model.build(args.model, self.num_classes, data.image_size, seed, self.device)
         self.resize_note = data.resize_note()
+        self.dpsgd = None
+        if getattr(args, "dp_sgd", False):  # Opacus is imported only when asked for
+            from federation.dpsgd import DpSgd
+
+            self.dpsgd = DpSgd(self.net, args.model, args, self.shuffle_seed, dp_history)
         parted = bool(args.num_partitions)
         self.identity = {
             "partition_id": args.partition_id if parted else -1,
@@ -113,19 +118,29 @@ class Participant:
         self.cores.apply()  # the clients running now share the cores
         self.load(weights)
         a = self.args
-        loss = cifar.train(
-            self.net,
-            self.trainloader,
-            a.epochs,
-            self.device,
-            a.lr,
-            a.momentum,
-            a.weight_decay,
-            proximal_mu=proximal_mu,
-            cuda_graph=getattr(a, "cuda_graph", True),
-        )
+        if self.dpsgd is not None:
+            if proximal_mu:
+                raise ModelMismatch("DP-SGD clips each example's gradient: it does not add FedProx's proximal term")
+            loss = self.dpsgd.train(self.trainloader, a.epochs, self.device)
+        else:
+            loss = cifar.train(
+                self.net,
+                self.trainloader,
+                a.epochs,
+                self.device,
+                a.lr,
+                a.momentum,
+                a.weight_decay,
+                proximal_mu=proximal_mu,
+                cuda_graph=getattr(a, "cuda_graph", True),
+            )
         seconds = time.perf_counter() - start
         prox = f", proximal mu {proximal_mu:g}" if proximal_mu else ""
+        private = {}
+        if self.dpsgd is not None:
+            private = {"dp_epsilon": self.dpsgd.epsilon(a.dp_delta), "dp_sgd_noise": a.dp_sgd_noise,
+                       "dp_sgd_clip": a.dp_sgd_clip, "dp_delta": a.dp_delta}  # fmt: skip
+            prox += f", DP-SGD epsilon {private['dp_epsilon']:.3f} at delta {a.dp_delta:g}"
         print(
             f"fit: {a.epochs} epoch(s) on {self.num_train} examples{prox}, loss {loss:.4f}, {seconds:.1f} s", flush=True
         )
@@ -139,7 +154,7 @@ class Participant:
             "normalize": int(a.normalize),
             "proximal_mu": proximal_mu,
         }
-        metrics = {"train_loss": loss, "fit_seconds": seconds, **self.identity, **settings}
+        metrics = {"train_loss": loss, "fit_seconds": seconds, **self.identity, **settings, **private}
         return models.get_weights(self.net), self.num_train, metrics
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, int, dict]:

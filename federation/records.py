@@ -23,11 +23,15 @@ FIELDS = [
     "rejected",
     "clipped",
     "epsilon",
+    "client_epsilon",
     "seconds",
     "flower_overhead_seconds",
 ]
 SCALARS = ("train_loss", "distributed_loss", "distributed_accuracy", "centralized_loss", "centralized_accuracy",
-           "fit_clients", "rejected", "clipped", "epsilon", "seconds")  # fmt: skip
+           "fit_clients", "rejected", "clipped", "epsilon", "client_epsilon", "seconds")  # fmt: skip
+
+
+CLIENT_FIELDS = ["round", "client", "partition_id", "num_examples", "train_loss", "dp_epsilon", "verdict"]
 
 
 class CheckpointError(Exception):
@@ -103,6 +107,20 @@ class RunRecord:
         """Path of a round's checkpoint (a state_dict of the run's model)."""
         return self.checkpoints / f"round-{server_round:03d}.pt"
 
+    def privacy_state(self, server_round: int) -> Path:
+        """Path of the central-DP accountant's state after a round, beside its checkpoint."""
+        return self.checkpoints / f"round-{server_round:03d}.privacy.json"
+
+    def append_clients(self, rows: list[dict]) -> None:
+        """clients.csv: each client's update of each round, and what the server did with it."""
+        path = self.dir / "clients.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, CLIENT_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows({k: _fmt(r.get(k)) for k in CLIENT_FIELDS} for r in rows)
+
     def save_checkpoint(self, server_round: int, weights: list[np.ndarray], layout: Layout) -> None:
         """Save the global model after a round, atomically."""
         tmp = self.checkpoint(server_round).with_suffix(".tmp")
@@ -155,6 +173,13 @@ class RunRecord:
         ):
             loss.plot(rounds, series(key), label=label, **style)
         acc.set(title="Accuracy", xlabel="round (0: the initial model)", ylabel="accuracy", ylim=(0, 1))
+        for key, label, colour in (("epsilon", "epsilon (central DP)", "tab:red"),
+                                   ("client_epsilon", "epsilon (clients' DP-SGD, highest)", "tab:purple")):  # fmt: skip
+            if any(r.get(key) for r in rows):  # privacy spent, on its own axis
+                spent = acc.twinx()
+                spent.plot(rounds, series(key), color=colour, ls="-.", marker="x", label=label)
+                spent.set_ylabel("epsilon")
+                spent.legend(loc="lower right")
         loss.set(title="Loss (mean per example)", xlabel="round (0: the initial model)", ylabel="cross-entropy")
         for ax in (acc, loss):
             ax.grid(alpha=0.3)
@@ -204,6 +229,8 @@ def print_round(row: dict) -> None:
         return
     kept = " (no update accepted: model kept)" if row.get("fit_clients") == 0 else ""
     epsilon = f" | epsilon {row['epsilon']:.3f}" if row.get("epsilon") is not None else ""
+    if row.get("client_epsilon") is not None:
+        epsilon += f" | clients' epsilon up to {row['client_epsilon']:.3f}"
     print(
         f"Round {row['round']}: distributed accuracy {num('distributed_accuracy')} loss {num('distributed_loss')}"
         f" | centralized accuracy {num('centralized_accuracy')} loss {num('centralized_loss')}"
@@ -217,8 +244,9 @@ def print_round(row: dict) -> None:
 def summary_table(rows: list[dict]) -> str:
     """The run's rounds as a fixed-width table."""
     hidden = {"strategy", "fit_clients", "rejected", "clipped", "flower_overhead_seconds"}
-    if not any(r.get("epsilon") for r in rows):
-        hidden.add("epsilon")
+    for key in ("epsilon", "client_epsilon"):
+        if not any(r.get(key) for r in rows):
+            hidden.add(key)
     cols = [f for f in FIELDS if f not in hidden and (not rows or f in rows[0])]
     lines = ["  ".join(f"{c:>20}" if i else f"{c:>5}" for i, c in enumerate(cols))]
     for r in rows:

@@ -2,7 +2,7 @@
 
 With 3 or more updates in a round, the consensus is their geometric median g (Weiszfeld's algorithm,
 as RFA uses it: Pillutla et al. 2019), taken over the trained weights' changes. An update pointing away
-from it (cosine <= 0) is rejected; every other update farther from g than `clip_factor` times the
+from it (cosine with g under `min_cosine`, default -0.1) is rejected; every other update farther from g than `clip_factor` times the
 round's median distance is pulled back onto that sphere (centered clipping, Karimireddy et al. 2021,
 around g). Honest updates within that distance pass bit for bit, so with them alone the strategy sees
 exactly what it would without the screen. With fewer than 3 updates there is no consensus to judge by:
@@ -55,10 +55,13 @@ def screen(
     mask: tuple[bool, ...],
     method: str = "consensus",
     clip_factor: float = 2.0,
-    max_update_norm: float = 1.0,
+    max_update_norm: float = 10.0,
+    min_cosine: float = -0.1,
 ) -> list[Verdict]:
-    """The verdict on each update of a round (arrays in the model's order) against the global `weights`."""
-    bound = max_update_norm * norm(weights, mask)
+    """The verdict on each update of a round (arrays in the model's order) against the global `weights`.
+
+    A model whose weights are all zero gives the size bound no scale: it is then not applied."""
+    bound = max_update_norm * norm(weights, mask) or math.inf
     verdicts = [Verdict() for _ in updates]
     deltas = [change(a, weights, mask) for a in updates]
     for v, d in zip(verdicts, deltas):
@@ -76,10 +79,10 @@ def screen(
     kept = []
     for row, i in enumerate(live):
         cosine = float(points[row] @ g) / max(float(np.linalg.norm(points[row])) * g_norm, 1e-12)
-        if cosine <= 0:
+        if cosine < min_cosine:
             verdicts[
                 i
-            ].why = f"it points away from the round's consensus (cosine {cosine:.2f} with its geometric median)"
+            ].why = f"it points away from the round's consensus (cosine {cosine:.2f} with its geometric median, under --min-cosine {min_cosine:g})"
         else:
             kept.append(row)
     if not clip_factor or not kept:

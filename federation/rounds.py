@@ -13,8 +13,8 @@ import torch
 
 import cifar
 import flags
-from federation import model, robust, screening
-from federation.config import EXPERIMENT_KEYS, strategy_problem
+from federation import model, privacy, robust, screening
+from federation.config import EXPERIMENT_KEYS, RESUME_MAY_CHANGE, strategy_problem
 from federation.records import CheckpointError, RunRecord, print_round
 from pipeline import batches, models, sources
 
@@ -67,6 +67,11 @@ class Rounds:
         data = sources.load_arrays(args.data_root, args.cache_dir, args.image_size) if args.central_eval else None
         cpu = torch.device("cpu")
         net, self.layout = model.build(args.model, server_classes(args, data), args.image_size, args.seed, cpu)
+        if args.dp != "none" and not all(self.layout.weights):  # Flower's wrappers clip and noise every array
+            raise models.ModelError(
+                f"--dp {args.dp} needs a model whose arrays are all trained weights; {args.model} has others "
+                "(BatchNorm's running statistics and step counter), which would be released without noise"
+            )
         self.template = models.get_weights(net)
         self.weights = record.load_checkpoint(self.done, self.layout) if self.done else self.template
         self.evaluate_central = None
@@ -78,6 +83,10 @@ class Rounds:
         self.work: dict[str, float] = {}
         self.started = 0.0
         self.clients: list[dict] = []  # the clients' training settings, as they report them
+        self.client_rows: list[dict] = []  # clients.csv's rows of the round
+        self.privacy = None
+        if args.dp != "none":
+            self.privacy = privacy.Accountant(args, privacy.load_state(record.privacy_state(self.done)))
         record.open_events()
 
     @property
@@ -91,12 +100,28 @@ class Rounds:
         if not self.record.rows():
             self.begin(0)
             self.central()
+            if self.privacy:
+                self.row["epsilon"] = 0.0
             self.end()
 
+    def sampled(self, population: int, sample: int) -> None:
+        """The round sampled `sample` of `population` clients: central DP's accountant needs both."""
+        if self.privacy:
+            self.privacy.start(population, sample)
+
+    @property
+    def dp_sample(self) -> int:
+        """How many updates central DP averages a round (0: no central DP, or not known yet)."""
+        return self.privacy.sample if self.privacy else 0
+
     def begin(self, server_round: int) -> None:
-        """A round's clock starts once its clients are sampled, not while waiting for them."""
+        """A round's clock starts once its clients are sampled, not while waiting for them; with a privacy
+        budget, BudgetExhausted says the round would pass it (it is not run)."""
+        if self.privacy and server_round:
+            self.privacy.check(server_round)
         self.started = time.perf_counter()
         self.row, self.work = {"round": server_round, "strategy": self.args.strategy}, {}
+        self.client_rows = []
 
     def reject(self, who: str, why: str) -> None:
         """Log an update refused before screening (a reply that holds no update at all)."""
@@ -110,21 +135,28 @@ class Rounds:
             problem = screening.update_problem(arrays, self.template, num_examples) or screening.metrics_problem(
                 metrics
             )
+            self.client_rows.append({"round": self.row["round"], "client": who, "num_examples": num_examples,
+                                     "verdict": "rejected" if problem else "accepted",
+                                     **{k: metrics.get(k) for k in ("partition_id", "train_loss", "dp_epsilon")}})  # fmt: skip
             if problem:
                 self.reject(who, problem)
             else:
                 sound.append(i)
         a = self.args
         verdicts = robust.screen([updates[i][1] for i in sound], self.weights, self.layout.weights, a.screen,
-                                 a.clip_factor, a.max_update_norm)  # fmt: skip
+                                 a.clip_factor, a.max_update_norm, a.min_cosine)  # fmt: skip
         accepted, clipped = [], {}
         for i, v in zip(sound, verdicts):
             if v.why:
                 self.reject(updates[i][0], v.why)
+                self.client_rows[i]["verdict"] = "rejected"
                 continue
             accepted.append(i)
             if v.arrays is not None:
                 clipped[i] = v.arrays
+                self.client_rows[i]["verdict"] = "clipped"
+            elif self.privacy and privacy.zero_change(updates[i][1], self.weights):
+                clipped[i] = privacy.stand_in(self.weights)  # flwr 1.42's DP clipping divides by the norm
                 log.warning("Clipped update from client %s: %s", updates[i][0], v.note)
         self.row["clipped"] = len(clipped)
         conflict = screening.partition_conflict({updates[i][0]: updates[i][3] for i in accepted})
@@ -141,6 +173,12 @@ class Rounds:
         if weights is not None:
             self.weights = self.layout.cast(weights)
         self.record.save_checkpoint(self.row["round"], self.weights, self.layout)
+        if self.privacy:  # a round whose model is kept releases nothing new
+            self.row["epsilon"] = self.privacy.step() if weights is not None else self.privacy.epsilon
+            self.privacy.save(self.record.privacy_state(self.row["round"]))
+        epsilons = [m["dp_epsilon"] for _, m in metrics if isinstance(m.get("dp_epsilon"), int | float)]
+        if epsilons:
+            self.row["client_epsilon"] = max(epsilons)
         self.work["fit"] = max((m.get("fit_seconds", 0.0) for _, m in metrics), default=0.0)
         self.row.update(
             train_loss=screening.weighted_average(metrics).get("train_loss"),
@@ -193,6 +231,8 @@ class Rounds:
         seconds = time.perf_counter() - self.started
         self.row.update(seconds=seconds, flower_overhead_seconds=seconds - sum(self.work.values()))
         self.record.append(self.row)
+        if self.client_rows:
+            self.record.append_clients(self.client_rows)
         self.done = self.row["round"]
         self.on_round(self.row)
         self.record.plot(f"{self.title} ({self.record.dir.name})")
@@ -200,7 +240,9 @@ class Rounds:
 
 def experiment(args: argparse.Namespace) -> dict:
     """The settings that define a run's experiment (a continued run must keep them; rounds may grow)."""
-    return {k: getattr(args, k) for k in EXPERIMENT_KEYS if k != "rounds" and hasattr(args, k)}
+    return {
+        k: getattr(args, k) for k in EXPERIMENT_KEYS if k not in ("rounds", *RESUME_MAY_CHANGE) and hasattr(args, k)
+    }
 
 
 def open_run(parser: flags.Parser, args: argparse.Namespace, clients: dict | None = None, hint: str = "") -> Rounds:

@@ -9,7 +9,9 @@ MAX_EXAMPLES = 10_000_000  # a claimed dataset size above this is absurd for thi
 # What a client reports with each update besides its model; the server screens and averages these
 TRAIN_METRICS = ("train_loss", "fit_seconds", "partition_id", "num_partitions", "partition_scheme")
 # and the training settings it used, which the server records (server.py cannot know them otherwise)
-CLIENT_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "normalize", "proximal_mu")
+CLIENT_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "normalize", "proximal_mu",
+                   "dp_sgd_noise", "dp_sgd_clip", "dp_delta")  # fmt: skip
+OPTIONAL_METRICS = (*CLIENT_SETTINGS, "dp_epsilon")  # dp_epsilon: a DP-SGD client's epsilon so far
 EVAL_METRICS = ("accuracy", "eval_seconds")
 AVERAGED = ("train_loss", "accuracy")  # the rest are timings and identities, not means worth taking
 

@@ -103,6 +103,16 @@ class Batches:
             yield (augment(x, self.augment_generator) if self.augment else x), self.y.index_select(0, idx)
         torch.randperm(n, generator=self.generator)
 
+    def poisson_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """DP-SGD's batches before `prepare`: each example drawn into each batch with probability
+        batch_size / n (Poisson sampling, what the accountant assumes), len(self) batches an epoch."""
+        n = len(self.y)
+        rate = min(1.0, self.batch_size / n)
+        for _ in range(len(self)):
+            idx = torch.nonzero(torch.rand(n, generator=generator) < rate).squeeze(1).to(self.y.device)
+            x = self.x.index_select(0, idx)
+            yield (augment(x, self.augment_generator) if self.augment else x), self.y.index_select(0, idx)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in self.raw_batches():
             yield self.prepare(x), y

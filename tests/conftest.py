@@ -18,7 +18,8 @@ SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # Ten well-separated colours: class k is colour k plus noise, learnable in a few epochs
 PALETTE = np.array(
     [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]]
+     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128],
+     [170, 110, 40], [255, 250, 200]]
 )  # fmt: skip
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
@@ -49,15 +50,17 @@ def pytest_report_header(config):
         return "smoke tier: the tutorial's scripts end to end and one test per face; `pytest --full` runs everything"
 
 
-def make_image_folder(root: Path, n_train: int = 30, n_test: int = 10, seed: int = 0) -> Path:
-    """Write root/{train,test}/<class>/*.png: ten colour classes with pixel noise."""
+def make_image_folder(
+    root: Path, n_train: int = 30, n_test: int = 10, seed: int = 0, classes: int = 10, size: int = 32
+) -> Path:
+    """Write root/{train,test}/<class>/*.png: colour classes (ten by default) with pixel noise."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
-        for k, colour in enumerate(PALETTE):
-            d = root / split / f"class{k}"
+        for k, colour in enumerate(PALETTE[:classes]):
+            d = root / split / f"class{k:02d}" if classes > 10 else root / split / f"class{k}"
             d.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                pixels = np.clip(colour + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(d / f"{i:04d}.png")
     return root
 
@@ -114,6 +117,11 @@ def wait_for_port(host: str, port: int, timeout: float = 60, proc: subprocess.Po
             if time.monotonic() - began > timeout:
                 raise AssertionError(f"nothing listens on {host}:{port} after {timeout} s") from None
             time.sleep(0.05)
+
+
+def script_cmd(script: str, *args) -> list[str]:
+    """The command line that runs one of the project's scripts with this Python."""
+    return [sys.executable, str(ROOT / script), *map(str, args)]
 
 
 def run(script: str, *args, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:

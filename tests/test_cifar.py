@@ -15,6 +15,7 @@ from pipeline import batches, graphs, models, sources
 CPU = torch.device("cpu")
 
 
+@pytest.mark.smoke
 def test_net_has_the_tutorials_62006_parameters():
     assert sum(p.numel() for p in cifar.Net().parameters()) == 62_006
 
@@ -27,6 +28,7 @@ def test_image_folder_loads_as_uint8_tensors_with_labels_in_class_order(tiny, tm
     assert torch.equal(data.train_y.bincount(), torch.full((10,), 30))
 
 
+@pytest.mark.smoke
 def test_training_lifts_test_accuracy_well_above_chance(tiny, tmp_path):
     data = sources.load_arrays(tiny, tmp_path)
     trainloader, testloader = batches.make_loaders(data, batch_size=16, device=CPU, seed=0)
@@ -64,6 +66,7 @@ def test_same_seed_same_model_and_result_different_seed_different(tiny, tmp_path
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
+@pytest.mark.smoke
 def test_weights_round_trip_exactly_through_numpy():
     source, target = cifar.make_net(1, CPU), cifar.make_net(2, CPU)
     models.set_weights(target, models.get_weights(source))
@@ -95,6 +98,7 @@ def test_cache_is_used_then_rebuilt_when_the_folder_changes(tmp_path):
     assert len(sources.load_arrays(root, cache).train_y) == len(first.train_y) - 1
 
 
+@pytest.mark.smoke
 def test_centralized_script_trains_and_reports_loss_and_accuracy(tiny, tmp_path):
     r = run("cifar.py", "--data-root", tiny, "--cache-dir", tmp_path, "--epochs", 3, "--lr", 0.02)
     assert r.returncode == 0, r.stderr
@@ -233,6 +237,7 @@ def test_corrupt_image_is_named_in_the_error(tmp_path):
         ("--device", "tpu:7"),
     ],
 )
+@pytest.mark.smoke
 def test_bad_flags_are_one_line_and_exit_code_2(flag, value):
     line = one_line_error(run("cifar.py", flag, value))
     assert flag in line or value in line

@@ -73,6 +73,7 @@ def rows(run_dir):
         return [r for r in csv.DictReader(f) if r["round"] != "0"]
 
 
+@pytest.mark.smoke
 def test_server_and_two_clients_complete_three_rounds_with_aggregated_accuracy(tiny, tmp_path):
     codes, logs = federate(tmp_path, tiny, [(), ()])
     assert codes == [0, 0, 0], logs[0][-3000:]

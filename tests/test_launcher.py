@@ -216,6 +216,7 @@ def test_run_py_refuses_a_port_something_else_listens_on(tmp_path):
     assert f"--port {port} is in use" in line and not (tmp_path / "run").exists()
 
 
+@pytest.mark.smoke
 def test_run_py_help_says_what_run_py_does_with_each_default_once():
     r = run("run.py", "--help")
     text = " ".join(r.stdout.split())

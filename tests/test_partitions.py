@@ -13,6 +13,7 @@ def shares(n, partitioner, seed=0, alpha=0.5, labels=LABELS):
     return [partitions.partition_indices(labels, n, i, partitioner, alpha, seed) for i in range(n)]
 
 
+@pytest.mark.smoke
 def test_iid_partitions_are_disjoint_cover_the_data_and_are_balanced():
     parts = shares(4, "iid")
     merged = np.concatenate(parts)

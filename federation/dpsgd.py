@@ -1,0 +1,79 @@
+"""Sample-level DP-SGD on a client, with Opacus: per-example clipping and noise, Poisson batches, its own epsilon.
+
+Each step draws every training example with probability B/n (Poisson sampling, as Opacus's accountant
+assumes), clips each example's gradient to --dp-sgd-clip, sums, adds Gaussian noise of std
+--dp-sgd-noise x the clip, divides by B and takes the SGD step. Opacus's RDP accountant composes the
+steps of every round; its history travels with the client (the process, or the ClientApp's context).
+Steps run eagerly: capturing Opacus's per-example hooks as a CUDA graph is not attempted.
+"""
+
+import argparse
+
+import torch
+from torch import nn
+
+from pipeline import batches
+from pipeline.models import ModelError
+
+GRAD_SAMPLE_MODE = "hooks"  # Opacus's per-example gradients by module hooks (the tutorial's layers all have them)
+
+
+class DpSgd:
+    """A model trained by DP-SGD round after round, and the epsilon its client has spent."""
+
+    def __init__(self, net: nn.Module, model: str, args: argparse.Namespace, seed: int, history=None) -> None:
+        from opacus.accountants import RDPAccountant
+        from opacus.grad_sample.utils import wrap_model
+        from opacus.validators import ModuleValidator
+
+        problems = ModuleValidator.validate(net, strict=False)
+        if problems:
+            raise ModelError(f"DP-SGD (Opacus) cannot train {model}: {str(problems[0]).splitlines()[0]}")
+        self.args = args
+        net.to(memory_format=torch.contiguous_format)  # Opacus's per-example gradients are NCHW
+        self.module = wrap_model(net, grad_sample_mode=GRAD_SAMPLE_MODE)  # hooks on `net`: it trains in place
+        self.accountant = RDPAccountant()
+        if history:
+            self.accountant.history = [tuple(h) for h in history]
+        # The noise and the batches' sampling must be secret: fresh randomness, unless --dp-seed repeats them
+        self.noise, self.sampling = torch.Generator(), torch.Generator()
+        for i, generator in enumerate((self.noise, self.sampling)):
+            if args.dp_seed >= 0:
+                generator.manual_seed(args.dp_seed + seed + i * 7919)
+            else:
+                generator.seed()
+
+    def train(self, loader: batches.Batches, epochs: int, device: torch.device) -> float:
+        """DP-SGD for `epochs` epochs of Poisson batches; the mean training loss over the steps."""
+        from opacus.optimizers import DPOptimizer
+
+        a = self.args
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        sgd = torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+        optimizer = DPOptimizer(sgd, noise_multiplier=a.dp_sgd_noise, max_grad_norm=a.dp_sgd_clip,
+                                expected_batch_size=loader.batch_size, generator=self.noise)  # fmt: skip
+        rate = min(1.0, loader.batch_size / len(loader.y))
+        criterion = nn.CrossEntropyLoss()
+        self.module.train()
+        total, steps = torch.zeros((), device=device), 0
+        for _ in range(epochs):
+            for images, labels in loader.poisson_batches(self.sampling):
+                self.accountant.step(noise_multiplier=a.dp_sgd_noise, sample_rate=rate)
+                if len(labels) == 0:  # (1 - B/n)^n: all but impossible at the batch sizes used
+                    continue
+                optimizer.zero_grad()
+                inputs = loader.prepare(images.to(device)).contiguous()
+                loss = criterion(self.module(inputs), labels.to(device))
+                loss.backward()
+                optimizer.step()
+                total += loss.detach()
+                steps += 1
+        return total.item() / steps if steps else float("nan")
+
+    def epsilon(self, delta: float) -> float:
+        """The client's epsilon so far, at `delta`."""
+        return self.accountant.get_epsilon(delta) if self.accountant.history else 0.0
+
+    def history(self) -> list:
+        """The accountant's history, (noise, sample rate, steps) triples, for the next round's client."""
+        return [list(h) for h in self.accountant.history]
