@@ -78,8 +78,10 @@ def test_the_accountants_state_restores_its_epsilon_and_the_budget_says_which_ro
         (("--dp", "server-clipping", "--screen", "none", "--strategy", "fedmedian"), "needs a noised mean"),
         (("--dp", "client-clipping", "--screen", "none", "--dp-clipping", "adaptive"), "adaptive is refused"),
         (("--dp", "server-clipping", "--screen", "none", "--dp-noise", 0, "--dp-max-epsilon", 5), "no finite epsilon"),
-        (("--dp", "server-clipping", "--screen", "none", "--model", "tests/models.py:BatchNormNet"),
-         "needs a model whose arrays are all trained weights"),
+        (
+            ("--dp", "server-clipping", "--screen", "none", "--model", "tests/models.py:BatchNormNet"),
+            "needs a model whose arrays are all trained weights",
+        ),
     ],
 )
 def test_settings_privacy_cannot_hold_with_are_refused_at_start_in_one_line(tmp_path, flags, complaint):
