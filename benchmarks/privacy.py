@@ -58,7 +58,7 @@ def simulate(args, cache: str, dp: dict, work: Path) -> dict:
     """One App run on the Simulation Engine; the final accuracy and epsilon."""
     home, run_dir = Path(tempfile.mkdtemp(dir=work)), work / f"run-{len(os.listdir(work))}"
     settings = {"num-server-rounds": args.rounds, "fraction-fit": args.fraction, "min-clients": args.min_sampled,
-                "threads": 1, "lr": args.lr, "local-epochs": args.epochs, "screen": "none", "seed": args.seed,
+                "threads": 1, "lr": args.lr, "local-epochs": args.epochs, "screen": "'none'", "seed": args.seed,
                 "data-root": f"'{args.data_root}'", "cache-dir": f"'{cache}'", "run-dir": f"'{run_dir}'", **dp}  # fmt: skip
     config = " ".join(f"{k}={v}" for k, v in settings.items())
     cmd = [str(FLWR_BIN / "flwr"), "run", str(HERE), "--run-config", config, "--stream",

@@ -116,6 +116,12 @@ def bench_robustness(args, cache: str) -> str:
 def report(args, results: dict, load_start: float) -> str:
     columns = [*args.attacks, *(["none6"] if "alie" in args.attacks else [])]
     labels = {**{k: v[0] for k, v in ATTACKS.items()}, "none6": f"none ({args.honest + 2} shares)"}
+    shares = args.honest + (1 if args.attacks != ["none"] else 0)  # as bench_robustness draws them
+    alie = (
+        f"; *none ({args.honest + 2} shares)* is ALIE's reference, of {args.honest + 2}"
+        if "alie" in args.attacks
+        else ""
+    )
     lines = [
         f"## Robustness: the attack suite against each strategy, {args.honest} honest clients",
         "",
@@ -127,9 +133,9 @@ def report(args, results: dict, load_start: float) -> str:
             f"processes with `server.py`, each client its own share (*none*: all) of a {args.per_class * 10:,}-image training "
             f"subset (the first {args.per_class} images of each class), {args.rounds} rounds of {args.epochs} "
             f"local epochs at lr {args.lr}, seed {args.seed}. Cells: centralized accuracy on the full 10,000-image "
-            f"test set after the last round. *none* is the honest clients alone on the same shares (of {args.honest + 1}; "
-            f"*none ({args.honest + 2} shares)* is ALIE's reference, of {args.honest + 2}). In brackets: updates the defence rejected / "
-            "clipped per round, on average (the honest clients' included)."
+            f"test set after the last round. *none* is the honest clients alone on the same shares (of {shares}"
+            f"{alie}). In brackets: updates the defence rejected / clipped per round, on average (the honest "
+            "clients' included)."
         ),
     ]
     for partitioner in args.partitioners:

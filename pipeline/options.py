@@ -76,9 +76,9 @@ def add_train_args(parser: flags.Parser, epochs: int) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda:0', ...")
     parser.add_argument(
         "--threads",
-        type=flags.positive_int,
+        type=flags.non_negative_int,
         default=None,
-        help="torch CPU threads (default: all cores; clients on one machine divide them among the client "
+        help="torch CPU threads (default, or 0: all cores; clients on one machine divide them among the client "
         "processes running there)",
     )
     parser.add_argument(
