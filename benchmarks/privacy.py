@@ -48,7 +48,7 @@ def dp_sgd_noise(args, target: float) -> float:
     """Opacus's noise multiplier for a client's `target` epsilon over its rounds x epochs of Poisson batches."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    n = 50_000 // 2  # each of the two clients trains on its half
+    n = 50_000 // 2 - round(50_000 // 2 * 0.1)  # each client's half, less the 10% it holds out (--holdout)
     rate = args.batch_size / n
     steps = args.rounds * args.epochs * math.ceil(1 / rate)
     return get_noise_multiplier(target_epsilon=target, target_delta=args.delta, sample_rate=rate, steps=steps)

@@ -49,6 +49,7 @@ def flwr_run(env, *args, log: Path, timeout=300, app: Path = ROOT) -> int:
         ).returncode  # fmt: skip
 
 
+@pytest.mark.smoke
 def test_simulation_engine_runs_the_app_with_partitioned_supernodes(tiny, tmp_path):
     env = app_env(tmp_path / "flwr-home")
     try:

@@ -37,27 +37,41 @@ def attacked(tmp_path, tiny, name: str, attack: tuple = (), honest: int = 2, att
     return codes, rows(base / "run"), (base / "server.log").read_text()
 
 
+@pytest.fixture(scope="module")
+def honest_only(tiny, tmp_path_factory):
+    """The honest clients alone on the attacked runs' shares, run once per (honest, attackers, server flags)."""
+    runs = {}
+
+    def get(honest: int = 2, attackers: int = 1, server: tuple = ()) -> list[dict]:
+        if (honest, attackers, server) not in runs:
+            codes, table, log = attacked(tmp_path_factory.mktemp("honest"), tiny, "honest", honest=honest,
+                                         attackers=attackers, server=server)  # fmt: skip
+            assert codes == [0] * (1 + honest), log[-3000:]
+            runs[honest, attackers, server] = table
+        return runs[honest, attackers, server]
+
+    return get
+
+
 def final(table, key="centralized_loss") -> float:
     return float(table[-1][key])
 
 
 @pytest.mark.parametrize("attack", [("--attack", "reversed", "--boost", 5), ("--attack", "ipm", "--epsilon", 0.5)])
-def test_attacks_against_the_consensus_are_rejected_every_round_and_change_nothing(tiny, tmp_path, attack):
+def test_attacks_against_the_consensus_are_rejected_every_round_and_change_nothing(tiny, tmp_path, attack, honest_only):
     codes, table, log = attacked(tmp_path, tiny, "attacked", attack)
     assert codes == [0, 0, 0, 0], log[-3000:]
     assert log.count("points away from the round's consensus") == 3
     assert [(r["fit_clients"], r["rejected"]) for r in table] == [("2", "1")] * 3
-    codes, honest, _ = attacked(tmp_path, tiny, "honest")
-    assert codes == [0, 0, 0]
+    honest = honest_only()
     assert [r["centralized_accuracy"] for r in table] == [r["centralized_accuracy"] for r in honest]
 
 
-def test_without_the_screen_the_reversed_attacker_ruins_fedavg(tiny, tmp_path):
+def test_without_the_screen_the_reversed_attacker_ruins_fedavg(tiny, tmp_path, honest_only):
     plain = ("--screen", "none")
     codes, table, log = attacked(tmp_path, tiny, "attacked", ("--attack", "reversed", "--boost", 5), server=plain)
     assert codes == [0, 0, 0, 0], log[-3000:]
-    codes, honest, _ = attacked(tmp_path, tiny, "honest", server=plain)
-    assert codes == [0, 0, 0]
+    honest = honest_only(server=plain)
     # The attack is real, it is the defence that stops it: no better than chance (ln 10 = 2.30), against learning
     assert final(table) > 2.3 and final(honest) < 2.0, (final(table), final(honest))
 
@@ -71,13 +85,14 @@ def test_without_the_screen_the_reversed_attacker_ruins_fedavg(tiny, tmp_path):
         (("--attack", "alie", "--z", 1, "--colluders", 2), 2),
     ],
 )
-def test_attacks_inside_the_consensus_are_bounded_and_the_result_stays_close(tiny, tmp_path, attack, attackers):
+def test_attacks_inside_the_consensus_are_bounded_and_the_result_stays_close(
+    tiny, tmp_path, attack, attackers, honest_only
+):
     honest = 3 if attackers == 2 else 2
     codes, table, log = attacked(tmp_path, tiny, "attacked", attack, honest=honest, attackers=attackers)
     assert codes == [0] * (1 + honest + attackers), log[-3000:]
     assert all(int(r["fit_clients"]) >= honest for r in table)
-    codes, clean, _ = attacked(tmp_path, tiny, "honest", honest=honest, attackers=attackers)
-    assert codes == [0] * (1 + honest)
+    clean = honest_only(honest, attackers)
     # 100 test images: judge by the loss, and the accuracy loosely (one image is one point)
     assert final(table) <= 1.25 * final(clean), (final(table), final(clean))
     assert final(table, "centralized_accuracy") >= final(clean, "centralized_accuracy") - 0.1

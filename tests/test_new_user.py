@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from test_app import app_env, flwr_run, run_config
 from test_cifar import one_line_error
 from test_federation import FAST, data_flags, federate, processes_with, rows, wait_for_line
 
+import flags
 from federation.records import RunRecord
 from pipeline import cache
 
@@ -33,7 +33,6 @@ def untracked() -> set[str]:
     return {line[3:] for line in out.splitlines() if line.startswith("??")}
 
 
-@pytest.mark.smoke
 def test_the_app_with_no_run_dir_writes_under_home_not_the_project_and_a_second_run_trains_again(tiny, tmp_path):
     home = tmp_path / "home"
     env = {**app_env(tmp_path / "flwr-home"), "HOME": str(home)}
@@ -44,16 +43,17 @@ def test_the_app_with_no_run_dir_writes_under_home_not_the_project_and_a_second_
     runs = sorted((home / "flower-cifar" / "runs").iterdir())
     assert len(runs) == 1 and [int(r["round"]) for r in RunRecord(runs[0]).rows()] == [0, 1]
     assert untracked() == before  # nothing written into the project
-    time.sleep(1.1)  # run directories are named by the second
     code, log = simulate(tmp_path, env, config + " strategy='fedmedian'", log="second.log")
     assert code == 0 and "already completed" not in log, log[-3000:]
     assert len(list((home / "flower-cifar" / "runs").iterdir())) == 2
 
 
-def test_a_continued_app_run_refuses_a_changed_setting_and_the_run_fails(tiny, tmp_path):
+def test_a_continued_app_run_keeps_the_clients_settings_refuses_a_change_and_the_run_fails(tiny, tmp_path):
     env = app_env(tmp_path / "flwr-home")
     code, log = simulate(tmp_path, env, run_config(tiny, tmp_path, rounds=1, **{"min-clients": 2}))
     assert code == 0, log[-3000:]
+    clients = json.loads((tmp_path / "run" / "config.json").read_text())["clients"]  # the clients' settings too
+    assert clients["lr"] == 0.02 and clients["epochs"] == 2 and clients["partitioner"] == "iid"
     code, log = simulate(tmp_path, env, run_config(tiny, tmp_path, rounds=2, lr=0.05, **{"min-clients": 2}),
                          log="changed.log")  # fmt: skip
     assert f"run-dir {tmp_path / 'run'} holds a run with lr 0.02, not 0.05" in log, log[-3000:]
@@ -63,13 +63,24 @@ def test_a_continued_app_run_refuses_a_changed_setting_and_the_run_fails(tiny, t
     assert '"status": "finished:failed"' in status.stdout or "failed" in status.stdout, status.stdout[-2000:]
 
 
+def app_run_config(**changes) -> dict:
+    """pyproject.toml's run config, as the ServerApp's context holds it, with some keys changed."""
+    import tomllib
+
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return {**defaults, **changes}
+
+
 def test_app_config_errors_are_worded_with_the_run_configs_keys(tiny, tmp_path):
-    env = app_env(tmp_path / "flwr-home")
-    _, log = simulate(tmp_path, env, run_config(tmp_path / "no" / "such", tmp_path, rounds=1))
-    assert "The run config cannot run:" in log and "or set central-eval=false" in log, log[-3000:]
-    assert "--data-root" not in log.split("The run config cannot run:")[1].splitlines()[0]
-    _, log = simulate(tmp_path, env, run_config(tiny, tmp_path, rounds=1, lr=0), log="bad-lr.log")
-    assert "run config key lr: '0' is not a number > 0" in log, log[-3000:]
+    import server_app
+
+    with pytest.raises(flags.ConfigError) as e:
+        server_app.open_app_run(app_run_config(**{"data-root": str(tmp_path / "no" / "such"),
+                                                  "run-dir": str(tmp_path / "run")}))  # fmt: skip
+    assert "or set central-eval=false" in str(e.value) and "--data-root" not in str(e.value)
+    with pytest.raises(flags.ConfigError, match="run config key lr: '0' is not a number > 0"):
+        server_app.open_app_run(app_run_config(lr=0, **{"data-root": str(tiny), "run-dir": str(tmp_path / "run")}))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.smoke
@@ -150,14 +161,6 @@ def test_the_records_name_the_run_start_at_round_0_and_keep_tensorboard_events(t
     events.Reload()
     assert [e.step for e in events.Scalars("centralized_accuracy")] == [0, 1, 2]
     assert "Round 0 (the initial model): centralized accuracy" in logs[0]
-
-
-def test_the_apps_config_json_holds_the_clients_settings_too(tiny, tmp_path):
-    env = app_env(tmp_path / "flwr-home")
-    code, log = simulate(tmp_path, env, run_config(tiny, tmp_path, rounds=1, **{"min-clients": 2}))
-    assert code == 0, log[-3000:]
-    clients = json.loads((tmp_path / "run" / "config.json").read_text())["clients"]
-    assert clients["lr"] == 0.02 and clients["epochs"] == 2 and clients["partitioner"] == "iid"
 
 
 @pytest.mark.parametrize(

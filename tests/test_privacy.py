@@ -109,12 +109,18 @@ def weights(run_dir, r: int) -> np.ndarray:
     return np.concatenate([v.numpy().ravel().astype(np.float64) for v in state.values()])
 
 
+@pytest.fixture(scope="module")
+def plain(tiny, tmp_path_factory):
+    """The non-private run both clipping sides are compared with (rows of metrics.csv)."""
+    codes, table, _ = federate(tmp_path_factory.mktemp("plain"), tiny, "plain", ("--screen", "none"))
+    assert codes == [0, 0, 0]
+    return table
+
+
 @pytest.mark.parametrize("side", ["server-clipping", "client-clipping"])
-def test_without_noise_and_with_a_clip_above_every_update_central_dp_is_the_plain_run(tiny, tmp_path, side):
+def test_without_noise_and_with_a_clip_above_every_update_central_dp_is_the_plain_run(tiny, tmp_path, side, plain):
     private = ("--screen", "none", "--dp", side, "--dp-noise", 0, "--dp-clip-norm", 1e6)
     codes, dp, _ = federate(tmp_path, tiny, "dp", private)
-    assert codes == [0, 0, 0]
-    codes, plain, _ = federate(tmp_path, tiny, "plain", ("--screen", "none"))
     assert codes == [0, 0, 0]
     # Equal shares: the equal weights of DP's mean are the shares' weights; only float rounding may differ
     for a, b in zip(dp, plain, strict=True):
@@ -189,7 +195,7 @@ def test_dp_sgd_clients_report_their_epsilon_and_the_server_records_each(tiny, t
 
 def test_central_dp_on_the_simulation_engine_reports_epsilon_every_round(tiny, tmp_path):
     env = app_env(tmp_path / "flwr-home")
-    dp = {"screen": "'none'", "dp": "'server-clipping'", "dp-noise": 1.0, "fraction-fit": 0.5}
+    dp = {"screen": "'none'", "dp": "'server-clipping'", "dp-noise": 1.0, "fraction-fit": 0.5, "threads": 1}
     try:
         code = flwr_run(env, "--run-config", run_config(tiny, tmp_path, rounds=2, **{"min-clients": 2}, **dp),
                         "--federation-config", "num-supernodes=4", log=tmp_path / "flwr.log")  # fmt: skip

@@ -48,6 +48,21 @@ def test_every_kind_of_bad_evaluation_is_refused(loss, examples, metrics):
     assert screening.evaluation_problem(1.0, 10, {"accuracy": 0.5}) is None
 
 
+@pytest.fixture(scope="module")
+def honest_only(tiny, tmp_path_factory):
+    """The honest clients alone for 3 rounds (rows of metrics.csv), run once per number of clients."""
+    runs = {}
+
+    def get(honest: int = 2) -> list[dict]:
+        if honest not in runs:
+            codes, table, log = three_rounds(tmp_path_factory.mktemp("honest"), "honest", honest=honest)
+            assert codes == [0] * (honest + 1), log[-3000:]
+            runs[honest] = table
+        return runs[honest]
+
+    return get
+
+
 def three_rounds(tmp_path, name, hostile=(), honest=2, server_args=()):
     """Honest partitioned clients (plus hostile ones) for 3 rounds; returns exit codes, metrics rows, server log."""
     address = f"127.0.0.1:{free_port()}"
@@ -74,14 +89,13 @@ def three_rounds(tmp_path, name, hostile=(), honest=2, server_args=()):
     return codes, rows(base / "run"), (base / "server.log").read_text()
 
 
-def test_hostile_clients_are_rejected_and_the_honest_result_is_unchanged(tiny, tmp_path):
+def test_hostile_clients_are_rejected_and_the_honest_result_is_unchanged(tiny, tmp_path, honest_only):
     hostile = [("shape,nan,examples0", "nanloss,accuracy5,examples0"), ("count,inf,dtype", "accuracy5,nanloss,nanloss")]
     codes, attacked, log = three_rounds(tmp_path, "attacked", hostile)
     assert codes == [0, 0, 0, 0, 0], log[-3000:]
     assert log.count("Rejected update from") == 6 and log.count("Rejected evaluation from") == 6
     assert [r["rejected"] for r in attacked] == ["2", "2", "2"]
-    codes, honest, _ = three_rounds(tmp_path, "honest")
-    assert codes == [0, 0, 0]
+    honest = honest_only()
     for a, h in zip(attacked, honest, strict=True):
         for key in ("centralized_accuracy", "distributed_accuracy"):
             assert float(a[key]) == pytest.approx(float(h[key]), abs=1e-3)
@@ -178,13 +192,12 @@ def test_fifty_clients_on_one_server_are_all_aggregated_every_round(tiny, tmp_pa
 POISON = ("far1e4,far1e4,far1e4", "honest,honest,honest")  # a model-replacement attack, every round
 
 
-def test_a_poisoner_far_from_the_others_is_screened_out_and_the_honest_result_is_unchanged(tiny, tmp_path):
+def test_a_poisoner_far_from_the_others_is_screened_out_and_the_honest_result_is_unchanged(tiny, tmp_path, honest_only):
     codes, attacked, log = three_rounds(tmp_path, "attacked", [POISON])
     assert codes == [0, 0, 0, 0], log[-3000:]
     assert log.count("it moves the model 1e+04, over --max-update-norm 10 x the global model's norm") == 3
     assert [(r["fit_clients"], r["rejected"]) for r in attacked] == [("2", "1")] * 3
-    codes, honest, _ = three_rounds(tmp_path, "honest")
-    assert codes == [0, 0, 0]
+    honest = honest_only()
     assert [r["centralized_accuracy"] for r in attacked] == [r["centralized_accuracy"] for r in honest]
 
 
@@ -198,13 +211,12 @@ def test_a_closer_poisoner_is_rejected_or_clipped_by_the_consensus_screen_every_
 
 
 @pytest.mark.parametrize("strategy, honest", [("fedmedian", 4), ("krum", 4)])
-def test_robust_strategies_without_the_screen_withstand_the_poisoner(tiny, tmp_path, strategy, honest):
+def test_robust_strategies_without_the_screen_withstand_the_poisoner(tiny, tmp_path, strategy, honest, honest_only):
     unscreened = ("--screen", "none", "--max-update-norm", 0, "--strategy", strategy, "--num-malicious", 1)
     codes, attacked, log = three_rounds(tmp_path, "attacked", [POISON], honest=honest, server_args=unscreened)
     assert codes == [0] * (honest + 2), log[-3000:]
     assert "moves the model" not in log  # the strategy alone bore it
-    codes, clean, _ = three_rounds(tmp_path, "honest", honest=honest)
-    assert codes == [0] * (honest + 1)
+    clean = honest_only(honest)
     # The tiny test set has 100 images (one image is one point): judge by the loss, and the accuracy loosely
     a, c = attacked[-1], clean[-1]
     assert float(a["centralized_loss"]) == pytest.approx(float(c["centralized_loss"]), rel=0.1)
