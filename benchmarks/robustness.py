@@ -82,6 +82,8 @@ def federate(args, data: Path, cache: str, server_flags: tuple, attack: tuple, s
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    if codes[0] == 2:  # the strategy refused this many clients (krum's 2f+3 with the honest ones alone)
+        return {"refused": True}
     if codes[0] != 0:
         raise RuntimeError(f"server exited with {codes[0]} ({server_flags}, {attack})")
     rows = read_rows(run_dir)
@@ -145,6 +147,9 @@ def report(args, results: dict, load_start: float) -> str:
             cells = []
             for column in columns:
                 r = results.get((partitioner, row, column))
+                if r and r.get("refused"):
+                    cells.append("refused: too few clients")
+                    continue
                 tally = f" [{r['rejected']:.1f}/{r['clipped']:.1f}]" if r and (r["rejected"] or r["clipped"]) else ""
                 cells.append(f"{r['accuracy']:.3f}{tally}" if r else "")
             lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
