@@ -145,7 +145,7 @@ class Rounds:
         a = self.args
         verdicts = robust.screen([updates[i][1] for i in sound], self.weights, self.layout.weights, a.screen,
                                  a.clip_factor, a.max_update_norm, a.min_cosine)  # fmt: skip
-        accepted, clipped = [], {}
+        accepted, clipped, replaced = [], {}, {}
         for i, v in zip(sound, verdicts):
             if v.why:
                 self.reject(updates[i][0], v.why)
@@ -155,10 +155,11 @@ class Rounds:
             if v.arrays is not None:
                 clipped[i] = v.arrays
                 self.client_rows[i]["verdict"] = "clipped"
-            elif self.privacy and privacy.zero_change(updates[i][1], self.weights):
-                clipped[i] = privacy.stand_in(self.weights)  # flwr 1.42's DP clipping divides by the norm
                 log.warning("Clipped update from client %s: %s", updates[i][0], v.note)
+            elif self.privacy and privacy.zero_change(updates[i][1], self.weights):
+                replaced[i] = privacy.stand_in(self.weights)  # flwr 1.42's DP clipping divides by the norm
         self.row["clipped"] = len(clipped)
+        clipped.update(replaced)
         conflict = screening.partition_conflict({updates[i][0]: updates[i][3] for i in accepted})
         if conflict:
             log.warning("Clients disagree on partitioning: %s", conflict)
