@@ -237,7 +237,6 @@ def test_corrupt_image_is_named_in_the_error(tmp_path):
         ("--device", "tpu:7"),
     ],
 )
-@pytest.mark.smoke
 def test_bad_flags_are_one_line_and_exit_code_2(flag, value):
     line = one_line_error(run("cifar.py", flag, value))
     assert flag in line or value in line

@@ -208,16 +208,3 @@ def test_a_closer_poisoner_is_rejected_or_clipped_by_the_consensus_screen_every_
     caught = log.count("points away from the round's consensus") + log.count("Clipped update from client")
     assert caught == 3
     assert float(attacked[-1]["centralized_accuracy"]) > 0.3
-
-
-@pytest.mark.parametrize("strategy, honest", [("fedmedian", 4), ("krum", 4)])
-def test_robust_strategies_without_the_screen_withstand_the_poisoner(tiny, tmp_path, strategy, honest, honest_only):
-    unscreened = ("--screen", "none", "--max-update-norm", 0, "--strategy", strategy, "--num-malicious", 1)
-    codes, attacked, log = three_rounds(tmp_path, "attacked", [POISON], honest=honest, server_args=unscreened)
-    assert codes == [0] * (honest + 2), log[-3000:]
-    assert "moves the model" not in log  # the strategy alone bore it
-    clean = honest_only(honest)
-    # The tiny test set has 100 images (one image is one point): judge by the loss, and the accuracy loosely
-    a, c = attacked[-1], clean[-1]
-    assert float(a["centralized_loss"]) == pytest.approx(float(c["centralized_loss"]), rel=0.1)
-    assert abs(float(a["centralized_accuracy"]) - float(c["centralized_accuracy"])) <= 0.1 + 1e-9  # 10 images
