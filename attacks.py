@@ -149,6 +149,7 @@ def check_attack_args(parser: flags.Parser, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    flags.quick_exit()
     parser = config.client_parser("A poisoning client for testing a server's defence (the attack suite).")
     add_attack_args(parser)
     parser.add_argument("--server-address", type=flags.host_port, default="127.0.0.1:8080", help="the server")

@@ -25,6 +25,7 @@ from pipeline import partitions, sources
 
 
 def main() -> None:
+    flags.quick_exit()
     parser = flags.Parser(description="Benchmarks on real CIFAR-10; each writes its section of BENCHMARKS.md.")
     parser.add_argument("--out", type=Path, default=HERE / "BENCHMARKS.md", help="the report")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -135,6 +135,7 @@ def make_net(seed: int, device: torch.device, num_classes: int = 10, image_size:
 
 
 def main() -> None:
+    flags.quick_exit()
     parser = flags.Parser(description="Centralized PyTorch training of the tutorial's CNN on CIFAR-10.")
     options.add_data_args(parser)
     options.add_train_args(parser, epochs=2)

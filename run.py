@@ -371,6 +371,7 @@ def launch(run: Launch) -> int:
 
 
 def main() -> None:
+    flags.quick_exit()
     run = Launch(StopSignals())
     try:
         code = launch(run)

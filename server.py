@@ -246,6 +246,7 @@ def interrupted(prog: str) -> NoReturn:
 
 
 def main() -> None:
+    flags.quick_exit()
     parser, args = parse_args()
     options.check_device(parser, args.device)
     if args.certificates is None and not flags.is_loopback(args.server_address):

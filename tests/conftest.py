@@ -1,6 +1,8 @@
 """Shared fixtures: tiny learnable image folders, real CIFAR-10 subsets, real processes."""
 
+import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -30,6 +32,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: part of the smoke tier that plain `pytest` runs (under 2 minutes)")
+    config.addinivalue_line("markers", "slow: left out of CI's run (`-m 'not slow'`) for time; `pytest --full` runs it")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -149,3 +152,44 @@ def finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[int]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+class Forked:
+    """The project's scripts, each run in a fork of one interpreter that has imported torch and Flower
+    (tests/forkrun.py): a process of its own with its own exit code and output, without the 3-4 s
+    import. For the many tests that only watch a script refuse its input."""
+
+    def __init__(self) -> None:
+        self.worker: subprocess.Popen | None = None
+
+    def run(
+        self, script: str, *args, cwd: Path = ROOT, env: dict | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        """`script` with `args`, in `cwd`, with `env`'s variables added to the test environment's."""
+        if self.worker is None or self.worker.poll() is not None:
+            self.worker = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "forkrun.py")], cwd=ROOT, env=ENV, text=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+            )  # fmt: skip
+        argv = [str(a) for a in args]
+        self.worker.stdin.write(json.dumps({"script": script, "args": argv, "cwd": str(cwd), "env": env or {}}) + "\n")
+        self.worker.stdin.flush()
+        ready, _, _ = select.select([self.worker.stdout], [], [], timeout)
+        if not ready:  # the script did not end: stop it and its worker, fail the test
+            self.close()
+            raise AssertionError(f"{script} {' '.join(argv)} still running after {timeout} s")
+        reply = json.loads(self.worker.stdout.readline())
+        return subprocess.CompletedProcess([script, *argv], reply["code"], reply["stdout"], reply["stderr"])
+
+    def close(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            os.killpg(self.worker.pid, 9)
+            self.worker.wait()
+
+
+@pytest.fixture(scope="session")
+def forked():
+    """Run a script as `python SCRIPT ARGS` would, in a fork of a warm interpreter (see Forked)."""
+    scripts = Forked()
+    yield scripts
+    scripts.close()

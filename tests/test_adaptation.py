@@ -17,7 +17,6 @@ from pipeline import models
 
 BATCHNORM = "tests/models.py:BatchNormNet"  # the tutorial's Net plus one BatchNorm2d
 BIG = "tests/models.py:BigNet"  # 8 M parameters, 31.5 MiB: over gRPC's 16 MiB default
-MODELS = {"batchnorm": BATCHNORM, "big": BIG}
 
 
 @pytest.fixture(scope="module")
@@ -63,54 +62,65 @@ def test_the_grpc_limit_follows_the_model_size_and_stays_bounded():
     assert big.message_bytes(limit_mb=100) == 100 * 2**20
 
 
-@pytest.mark.parametrize("data, model", [("twelve", "cifar:Net"), ("five_large", "cifar:Net"),
-                                         ("tiny", BATCHNORM), ("tiny", BIG)])  # fmt: skip
-def test_cifar_py_trains_each_change_and_says_what_it_did(request, tmp_path, data, model):
+# Each case is two of a user's first changes at once: a model and a data set of their own
+CHANGES = {"batchnorm-five-large": ("five_large", BATCHNORM), "big-twelve": ("twelve", BIG)}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_cifar_py_trains_each_change_and_says_what_it_did(request, tmp_path, change):
+    data, model = CHANGES[change]
     root = request.getfixturevalue(data)
     r = run("cifar.py", "--data-root", root, "--cache-dir", tmp_path, "--epochs", 2, "--lr", 0.02, "--model", model,
             timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    classes = {"twelve": 12, "five_large": 5, "tiny": 10}[data]
+    classes = {"twelve": 12, "five_large": 5}[data]
     assert f"({classes} classes, 32x32)" in r.stdout
     assert ("Resized 64x64 images to 32x32 (--image-size 32)" in r.stdout) == (data == "five_large")
     assert float(r.stdout.split("Accuracy:")[1].split()[0]) > 1.5 / classes  # above chance
 
 
-def test_a_model_with_a_fixed_head_is_refused_for_twelve_classes_in_one_line(twelve, tmp_path):
-    line = one_line_error(run("cifar.py", "--data-root", twelve, "--cache-dir", tmp_path,
+def test_a_model_with_a_fixed_head_is_refused_for_twelve_classes_in_one_line(forked, twelve, tmp_path):
+    line = one_line_error(forked.run("cifar.py", "--data-root", twelve, "--cache-dir", tmp_path,
                               "--model", "tests/models.py:TenOutputs"))  # fmt: skip
     assert "has (10,) outputs per image, the data has 12 classes" in line
 
 
-def test_images_the_model_cannot_take_are_refused_in_one_line(five_large, tmp_path):
-    line = one_line_error(run("cifar.py", "--data-root", five_large, "--cache-dir", tmp_path, "--image-size", 64))
+def test_images_the_model_cannot_take_are_refused_in_one_line(forked, five_large, tmp_path):
+    line = one_line_error(
+        forked.run("cifar.py", "--data-root", five_large, "--cache-dir", tmp_path, "--image-size", 64)
+    )
     assert "does not take 3x64x64 images" in line and "--image-size" in line
 
 
-def test_a_stated_class_count_that_differs_from_the_data_is_refused(twelve, tmp_path):
-    line = one_line_error(run("cifar.py", "--data-root", twelve, "--cache-dir", tmp_path, "--num-classes", 10))
+def test_a_stated_class_count_that_differs_from_the_data_is_refused(forked, twelve, tmp_path):
+    line = one_line_error(forked.run("cifar.py", "--data-root", twelve, "--cache-dir", tmp_path, "--num-classes", 10))
     assert "--num-classes 10, but the data has 12 classes" in line
 
 
-@pytest.mark.parametrize("change", ["batchnorm", "big", "twelve", "five_large"])
+@pytest.mark.parametrize("change", CHANGES)
 def test_the_three_terminal_flow_trains_each_change(request, tmp_path, change):
-    root = request.getfixturevalue(change if change in ("twelve", "five_large") else "tiny")
-    model = ("--model", MODELS[change]) if change in MODELS else ()
-    codes, logs = federate(tmp_path, root, [model, model], server_args=("--rounds", 2, *model))
+    data, model = CHANGES[change]
+    root = request.getfixturevalue(data)
+    flags = ("--model", model)
+    steady = ("--lr", 0.003) if model == BIG else ()  # its wide layer overshoots, averaged, at FAST's 0.01
+    codes, logs = federate(tmp_path, root, [flags, flags], ("--rounds", 2, *flags), client_args=steady)
     assert codes == [0, 0, 0], logs[0][-3000:] + logs[1][-2000:]
     table = rows(tmp_path / "run")
     assert [int(r["round"]) for r in table] == [1, 2] and all(r["fit_clients"] == "2" for r in table)
     assert all(r["rejected"] == "0" for r in table)  # BatchNorm's step counter no longer trips the screen
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["model"] == MODELS.get(change, "cifar:Net")
+    assert (
+        saved["model"] == model and saved["layout"]["arrays"]["fc3.weight"][0] == {"twelve": 12, "five_large": 5}[data]
+    )
     first = float(table[0]["centralized_loss"])
     assert float(table[-1]["centralized_loss"]) < first  # it learns
 
 
-@pytest.mark.parametrize("change", ["batchnorm", "big", "twelve", "five_large"])
+@pytest.mark.parametrize("change", [pytest.param("batchnorm-five-large", marks=pytest.mark.slow), "big-twelve"])
 def test_the_simulation_engine_trains_each_change(request, tmp_path, change):
-    root = request.getfixturevalue(change if change in ("twelve", "five_large") else "tiny")
-    extra = {"model": f"'{MODELS[change].replace('/', '.').replace('.py:', ':')}'"} if change in MODELS else {}
+    data, model = CHANGES[change]
+    root = request.getfixturevalue(data)
+    extra = {"model": f"'{model.replace('/', '.').replace('.py:', ':')}'"}
     env = app_env(tmp_path / "flwr-home")
     try:
         code = flwr_run(env, "--run-config", run_config(root, tmp_path, **{"min-clients": 2}, **extra),
@@ -122,14 +132,15 @@ def test_the_simulation_engine_trains_each_change(request, tmp_path, change):
     assert code == 0, log[-4000:]
     table = rows(tmp_path / "run")
     assert [int(r["round"]) for r in table] == [1, 2] and all(r["fit_clients"] == "2" for r in table), log[-3000:]
+    assert all(r["rejected"] == "0" for r in table)
 
 
-def test_resuming_with_a_changed_net_is_refused_in_one_line(tiny, tmp_path):
+def test_resuming_with_a_changed_net_is_refused_in_one_line(forked, tiny, tmp_path):
     codes, logs = federate(tmp_path, tiny, [(), ()], server_args=("--rounds", 1))
     assert codes == [0, 0, 0], logs[0][-3000:]
     config = tmp_path / "run" / "config.json"
     saved = json.loads(config.read_text())
     saved["model"] = BATCHNORM  # the user changed the model the run was started with
     config.write_text(json.dumps(saved))
-    line = one_line_error(run("server.py", "--resume", tmp_path / "run", "--rounds", 2))
+    line = one_line_error(forked.run("server.py", "--resume", tmp_path / "run", "--rounds", 2))
     assert "round-001.pt is not a checkpoint of the current model" in line and "bn1.weight" in line

@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ENV, ROOT, finish, free_port, wait_for_port
+from conftest import ENV, ROOT, free_port
 from test_federation import processes_with, rows
-from test_safety import make_certs
 
 FLWR_BIN = Path(sys.executable).parent
 pytest.importorskip("ray", reason="the Simulation Engine needs flwr[simulation]")
@@ -78,39 +77,4 @@ def supernode(env: dict, superlink: str, i: int, log: Path, security: list[str])
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("tls", [True], ids=["tls"])  # the insecure path is the same run without certificates
-def test_deployment_engine_superlink_and_two_supernodes_run_the_app(tiny, tmp_path, tls):
-    home = tmp_path / "flwr-home"
-    env = app_env(home)
-    # One HTTP port serves the Fleet, Control and Runtime APIs (flwr 1.42)
-    port = free_port()
-    link = f"127.0.0.1:{port}"
-    home.mkdir()
-    if tls:
-        ca, cert, key = make_certs(tmp_path / "certs")
-        link_security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
-        node_security = ["--root-certificates", str(ca)]
-        connection = f'root-certificates = "{ca}"'
-    else:
-        link_security = node_security = ["--insecure"]
-        connection = "insecure = true"
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{link}"\n{connection}\n'
-    )
-    superlink = subprocess.Popen(
-        [str(FLWR_BIN / "flower-superlink"), *link_security, "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=(tmp_path / "superlink.log").open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    nodes = [supernode(env, link, i, tmp_path / f"supernode{i}.log", node_security) for i in range(2)]
-    try:
-        # `flwr run` needs the SuperLink's API; the ServerApp itself waits for min-clients SuperNodes
-        wait_for_port("127.0.0.1", port, proc=superlink)
-        code = flwr_run(env, "deploy", "--run-config", run_config(tiny, tmp_path), log=tmp_path / "flwr.log")
-    finally:
-        for p in [superlink, *nodes]:
-            p.terminate()
-        finish([superlink, *nodes], timeout=30)
-    log = (tmp_path / "flwr.log").read_text()
-    assert code == 0, log[-3000:] + (tmp_path / "superlink.log").read_text()[-3000:]
-    table = rows(tmp_path / "run")
-    assert [int(r["round"]) for r in table] == [1, 2] and all(r["fit_clients"] == "2" for r in table)
+# The Deployment Engine (a SuperLink with TLS and SuperNodes that authenticate): tests/test_auth.py

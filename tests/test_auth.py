@@ -66,7 +66,7 @@ def test_bad_supernode_key_names_are_one_line_and_exit_code_2(tmp_path, args, co
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and complaint in r.stderr, r.stderr
 
 
-def test_only_registered_supernodes_join_and_the_run_completes_with_them(tiny, tmp_path):
+def test_the_deployment_engine_over_tls_lets_only_registered_supernodes_join_and_runs_the_app_with_them(tiny, tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     env = app_env(home)

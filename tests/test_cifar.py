@@ -145,7 +145,8 @@ def test_missing_data_without_network_says_where_it_looked_and_how_to_fix(tmp_pa
     assert not (tmp_path / "nothing-here").exists()  # nothing half-written left behind, not even the directory
 
 
-NO_NETWORK = {**ENV, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+PROXY = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # unreachable: no network
+NO_NETWORK = {**ENV, **PROXY}
 
 
 def test_default_location_is_a_download_target_and_a_failed_download_leaves_nothing(tmp_path):
@@ -157,38 +158,38 @@ def test_default_location_is_a_download_target_and_a_failed_download_leaves_noth
     assert list(home.iterdir()) == []  # ~/data was created for the download, and removed with it
 
 
-def test_empty_directory_is_a_download_target_and_stays_empty_after_a_failure(tmp_path):
+def test_empty_directory_is_a_download_target_and_stays_empty_after_a_failure(forked, tmp_path):
     (tmp_path / "empty").mkdir()
-    line = one_line_error(run("cifar.py", "--data-root", tmp_path / "empty", env=NO_NETWORK))
+    line = one_line_error(forked.run("cifar.py", "--data-root", tmp_path / "empty", env=PROXY))
     assert "could not be downloaded" in line
     assert list((tmp_path / "empty").iterdir()) == []
 
 
-def test_a_directory_with_other_content_is_never_a_download_target(tmp_path):
+def test_a_directory_with_other_content_is_never_a_download_target(forked, tmp_path):
     other = tmp_path / "projects"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    line = one_line_error(run("cifar.py", "--data-root", other, env=NO_NETWORK))
+    line = one_line_error(forked.run("cifar.py", "--data-root", other, env=PROXY))
     assert str(other) in line and "empty" in line and "could not be downloaded" not in line
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
-def test_a_path_whose_parent_is_missing_is_refused_and_nothing_is_created(tmp_path):
-    line = one_line_error(run("cifar.py", "--data-root", tmp_path / "typo" / "cifar", env=NO_NETWORK))
+def test_a_path_whose_parent_is_missing_is_refused_and_nothing_is_created(forked, tmp_path):
+    line = one_line_error(forked.run("cifar.py", "--data-root", tmp_path / "typo" / "cifar", env=PROXY))
     assert str(tmp_path / "typo") in line and "does not exist" in line
     assert not (tmp_path / "typo").exists()
 
 
-def test_data_root_one_level_too_deep_suggests_the_image_folder(tmp_path):
+def test_data_root_one_level_too_deep_suggests_the_image_folder(forked, tmp_path):
     root = make_image_folder(tmp_path / "d", 1, 1)
-    line = one_line_error(run("cifar.py", "--data-root", root / "train", "--cache-dir", "", env=NO_NETWORK))
+    line = one_line_error(forked.run("cifar.py", "--data-root", root / "train", "--cache-dir", "", env=PROXY))
     assert f"did you mean --data-root {root}?" in line
     assert sorted(p.name for p in (root / "train").iterdir()) == [f"class{k}" for k in range(10)]
 
 
-def test_data_root_one_level_too_high_suggests_the_image_folder_inside(tmp_path):
+def test_data_root_one_level_too_high_suggests_the_image_folder_inside(forked, tmp_path):
     root = make_image_folder(tmp_path / "data" / "cifar10-jpeg", 1, 1)
-    line = one_line_error(run("cifar.py", "--data-root", tmp_path / "data", "--cache-dir", "", env=NO_NETWORK))
+    line = one_line_error(forked.run("cifar.py", "--data-root", tmp_path / "data", "--cache-dir", "", env=PROXY))
     assert f"did you mean --data-root {root}?" in line
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar10-jpeg"]
 
@@ -202,7 +203,7 @@ def test_data_root_one_level_too_high_suggests_the_image_folder_inside(tmp_path)
         ("no-images", "no images"),
     ],
 )
-def test_malformed_image_folder_is_one_clear_line(tmp_path, layout, complaint):
+def test_malformed_image_folder_is_one_clear_line(forked, tmp_path, layout, complaint):
     root = tmp_path / "d"
     (root / "train").mkdir(parents=True)
     if layout == "no-test":
@@ -215,14 +216,14 @@ def test_malformed_image_folder_is_one_clear_line(tmp_path, layout, complaint):
         (root / "train" / "a").mkdir()
         (root / "test" / "a").mkdir(parents=True)
         (root / "train" / "a" / "notes.txt").write_text("no image")
-    assert complaint in one_line_error(run("cifar.py", "--data-root", root, "--cache-dir", ""))
+    assert complaint in one_line_error(forked.run("cifar.py", "--data-root", root, "--cache-dir", ""))
 
 
-def test_corrupt_image_is_named_in_the_error(tmp_path):
+def test_corrupt_image_is_named_in_the_error(forked, tmp_path):
     root = make_image_folder(tmp_path / "d", 2, 1)
     bad = root / "train" / "class4" / "0001.png"
     bad.write_bytes(b"not a png at all")
-    line = one_line_error(run("cifar.py", "--data-root", root, "--cache-dir", ""))
+    line = one_line_error(forked.run("cifar.py", "--data-root", root, "--cache-dir", ""))
     assert str(bad) in line
 
 
@@ -237,8 +238,8 @@ def test_corrupt_image_is_named_in_the_error(tmp_path):
         ("--device", "tpu:7"),
     ],
 )
-def test_bad_flags_are_one_line_and_exit_code_2(flag, value):
-    line = one_line_error(run("cifar.py", flag, value))
+def test_bad_flags_are_one_line_and_exit_code_2(forked, flag, value):
+    line = one_line_error(forked.run("cifar.py", flag, value))
     assert flag in line or value in line
 
 

@@ -54,12 +54,11 @@ def test_a_partition_id_out_of_range_is_refused():
 
 
 @pytest.mark.parametrize("partition, partitions", [(4999, 5000), (299, 300)])
-def test_a_partition_too_small_to_train_on_is_one_line_and_exit_code_2(tiny, tmp_path, partition, partitions):
-    from conftest import run
+def test_a_partition_too_small_to_train_on_is_one_line_and_exit_code_2(forked, tiny, tmp_path, partition, partitions):
     from test_cifar import one_line_error
 
     line = one_line_error(
-        run("client.py", "--data-root", tiny, "--cache-dir", tmp_path, "--partition-id", partition,
+        forked.run("client.py", "--data-root", tiny, "--cache-dir", tmp_path, "--partition-id", partition,
             "--num-partitions", partitions, "--connect-timeout", 1)
     )  # fmt: skip
     assert "use fewer partitions" in line

@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import finish, free_port, run, start
+from conftest import finish, free_port, start
 from test_app import app_env, flwr_run, run_config
 from test_cifar import one_line_error
 from test_federation import FAST, data_flags, processes_with, rows
@@ -84,9 +84,9 @@ def test_the_accountants_state_restores_its_epsilon_and_the_budget_says_which_ro
         ),
     ],
 )
-def test_settings_privacy_cannot_hold_with_are_refused_at_start_in_one_line(tmp_path, flags, complaint):
+def test_settings_privacy_cannot_hold_with_are_refused_at_start_in_one_line(forked, tmp_path, flags, complaint):
     line = one_line_error(
-        run("server.py", *flags, "--no-central-eval", "--num-classes", 10, "--run-dir", tmp_path / "r")
+        forked.run("server.py", *flags, "--no-central-eval", "--num-classes", 10, "--run-dir", tmp_path / "r")
     )
     assert complaint in line and not (tmp_path / "r").exists()
 
@@ -117,7 +117,7 @@ def plain(tiny, tmp_path_factory):
     return table
 
 
-@pytest.mark.parametrize("side", ["server-clipping", "client-clipping"])
+@pytest.mark.parametrize("side", ["server-clipping", pytest.param("client-clipping", marks=pytest.mark.slow)])
 def test_without_noise_and_with_a_clip_above_every_update_central_dp_is_the_plain_run(tiny, tmp_path, side, plain):
     private = ("--screen", "none", "--dp", side, "--dp-noise", 0, "--dp-clip-norm", 1e6)
     codes, dp, _ = federate(tmp_path, tiny, "dp", private)
@@ -137,6 +137,7 @@ def test_every_aggregated_update_is_within_the_clipping_norm(tiny, tmp_path):
     assert all(0.01 < m <= 0.05 * (1 + 1e-6) for m in moved), moved  # a mean of updates clipped to 0.05
 
 
+@pytest.mark.slow
 def test_central_dp_noise_has_the_spread_sigma_c_over_m_and_the_seed_decides_it(tiny, tmp_path):
     # Clients that train 0 epochs send the model back unchanged: what the server releases is the noise alone
     private = ("--screen", "none", "--dp", "server-clipping", "--dp-noise", 2.0, "--dp-clip-norm", 0.1)

@@ -155,9 +155,9 @@ def test_certs_refuses_to_overwrite_existing_keys(tmp_path):
     assert r.returncode == 2 and "not empty" in r.stderr
 
 
-def test_listening_beyond_loopback_without_tls_warns(tmp_path):
-    r = run("server.py", "--server-address", f"0.0.0.0:{free_port()}", "--data-root", tmp_path / "nope" , "--cache-dir", "",
-            env={**ENV, "https_proxy": "http://127.0.0.1:9"})  # fmt: skip
+def test_listening_beyond_loopback_without_tls_warns(forked, tmp_path):
+    r = forked.run("server.py", "--server-address", f"0.0.0.0:{free_port()}", "--data-root", tmp_path / "nope" , "--cache-dir", "",
+            env={"https_proxy": "http://127.0.0.1:9"})  # fmt: skip
     assert "without TLS" in r.stderr
 
 
@@ -179,6 +179,7 @@ def test_bad_input_is_one_line_and_exit_code_2(script, args, complaint):
     assert len(r.stderr.strip().splitlines()) == 1 and complaint in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_fifty_clients_on_one_server_are_all_aggregated_every_round(tiny, tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     r = run("bench.py", "--out", report, "load", "--data-root", tiny, "--cache-dir", tmp_path / "cache",
@@ -201,6 +202,7 @@ def test_a_poisoner_far_from_the_others_is_screened_out_and_the_honest_result_is
     assert [r["centralized_accuracy"] for r in attacked] == [r["centralized_accuracy"] for r in honest]
 
 
+@pytest.mark.slow
 def test_a_closer_poisoner_is_rejected_or_clipped_by_the_consensus_screen_every_round(tiny, tmp_path):
     codes, attacked, log = three_rounds(tmp_path, "attacked", [("far50,far50,far50", "honest,honest,honest")])
     assert codes == [0, 0, 0, 0], log[-3000:]
