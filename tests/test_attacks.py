@@ -85,7 +85,7 @@ def test_without_the_screen_the_reversed_attacker_ruins_fedavg(tiny, tmp_path, h
 @pytest.mark.parametrize(
     "attack, attackers",
     [
-        (("--attack", "labelflip"), 1),
+        pytest.param(("--attack", "labelflip"), 1, marks=pytest.mark.slow),
         pytest.param(("--attack", "noise", "--boost", 5), 1, marks=pytest.mark.slow),
         (("--attack", "replacement"), 1),
         pytest.param(("--attack", "alie", "--z", 1, "--colluders", 2), 2, marks=pytest.mark.slow),
