@@ -97,7 +97,7 @@ def test_a_stated_class_count_that_differs_from_the_data_is_refused(forked, twel
     assert "--num-classes 10, but the data has 12 classes" in line
 
 
-@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("change", [pytest.param("batchnorm-five-large", marks=pytest.mark.slow), "big-twelve"])
 def test_the_three_terminal_flow_trains_each_change(request, tmp_path, change):
     data, model = CHANGES[change]
     root = request.getfixturevalue(data)

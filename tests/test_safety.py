@@ -89,6 +89,7 @@ def three_rounds(tmp_path, name, hostile=(), honest=2, server_args=()):
     return codes, rows(base / "run"), (base / "server.log").read_text()
 
 
+@pytest.mark.slow
 def test_hostile_clients_are_rejected_and_the_honest_result_is_unchanged(tiny, tmp_path, honest_only):
     hostile = [("shape,nan,examples0", "nanloss,accuracy5,examples0"), ("count,inf,dtype", "accuracy5,nanloss,nanloss")]
     codes, attacked, log = three_rounds(tmp_path, "attacked", hostile)
