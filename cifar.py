@@ -156,7 +156,8 @@ def main() -> None:
         flags.die(str(e), parser.prog)
     if data.resize_note():
         print(data.resize_note())
-    kwargs = {"augment": args.augment, "mean_std": args.normalize}
+    batchnorm = models.has_batchnorm(net)
+    kwargs = {"augment": args.augment, "mean_std": args.normalize, "drop_last": batchnorm}
     if args.pipeline == "tutorial":
         trainloader, testloader = batches.tutorial_loaders(data, args.batch_size, args.seed, **kwargs)
     else:
@@ -167,6 +168,9 @@ def main() -> None:
         f"({num_classes} classes, {data.image_size}x{data.image_size}) in {loaded - start:.1f} s"
     )
     del data  # the loaders hold what they need
+    note = batches.remainder_note(len(trainloader.dataset), args.batch_size, batchnorm)
+    if note:
+        print(note)
 
     if args.epochs:
         graph = " as a CUDA graph" if device.type == "cuda" and args.cuda_graph else ""

@@ -4,8 +4,10 @@
 Message API) is client_app.py; both wrap the same `Participant`.
 """
 
+import json
 import math
 import signal
+import socket
 import sys
 import time
 from typing import NoReturn
@@ -17,6 +19,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_
 
 import flags
 from federation import config
+from federation.dpsgd import SpendMissing
 from federation.participant import ModelMismatch, Participant
 from pipeline import models, options
 from pipeline.sources import DataError
@@ -34,8 +37,11 @@ class CifarClient(fl.client.NumPyClient):
     def fit(self, parameters, config):
         # FedProx sends its proximal term's weight; every other strategy trains plainly
         try:
-            weights, n, metrics = self.participant.fit(parameters, proximal_mu=float(config.get("proximal_mu", 0.0)))
-        except ModelMismatch as e:
+            weights, n, metrics = self.participant.fit(
+                parameters, float(config.get("proximal_mu", 0.0)), str(config.get("run", "")),
+                json.loads(str(config.get("dp_sgd_spent", "{}"))),
+            )  # fmt: skip
+        except (ModelMismatch, SpendMissing) as e:
             fail(self.prog, str(e), 2)  # not an Exception: Flower's handler does not print it as a traceback
         if KEY_CLIPPING_NORM in config:  # central DP with client-side clipping: the update, clipped here
             compute_clip_model_update(weights, parameters, float(config[KEY_CLIPPING_NORM]))
@@ -91,6 +97,16 @@ def wait_for_server(address: str, root_certificates: bytes | None, timeout: floa
             said = now
 
 
+def listens(address: str) -> bool:
+    """Whether anything accepts a TCP connection at HOST:PORT (a server, whatever it speaks)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
 def main() -> None:
     flags.quick_exit()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -128,22 +144,23 @@ def connect() -> None:
         participant = Participant(args)
     except (DataError, models.ModelError) as e:
         flags.die(str(e), parser.prog)
-    if participant.resize_note:
-        print(participant.resize_note)
+    for note in (participant.resize_note, participant.batch_note):
+        if note:
+            print(note)
     print(participant.describe(), flush=True)
     root_certificates = args.root_certificates.read_bytes() if args.root_certificates else None
 
     if not wait_for_server(args.server_address, root_certificates, args.connect_timeout):
-        hint = (
-            " and that --root-certificates holds the CA that signed the server's certificate"
-            if root_certificates
-            else "; if the server uses TLS, pass --root-certificates CA"
-        )
-        print(
-            f"{parser.prog}: error: no server answered at {args.server_address} within "
-            f"{args.connect_timeout:g} s: start server.py first, or check --server-address{hint}",
-            file=sys.stderr,
-        )
+        within = f"within {args.connect_timeout:g} s"
+        if not listens(args.server_address):
+            why = f"no server answered at {args.server_address} {within}: start server.py first, or check --server-address"
+        elif root_certificates:
+            why = (f"a server listens at {args.server_address}, but no TLS connection was made {within}: "
+                   "--root-certificates must hold the CA that signed its certificate")  # fmt: skip
+        else:
+            why = (f"a server listens at {args.server_address}, but did not answer in plain text {within}: "
+                   "if it uses TLS, pass --root-certificates CA")  # fmt: skip
+        print(f"{parser.prog}: error: {why}", file=sys.stderr)
         sys.exit(1)
     try:
         fl.client.start_client(

@@ -51,9 +51,13 @@ def weights_of(msg: Message) -> list:
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's data; reply with the new model and num-examples."""
     me = participant(context)
+    if me.batch_note:
+        print(me.batch_note, flush=True)
     # FedProx sends its proximal term's weight; every other strategy trains plainly
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    weights, num_examples, metrics = me.fit(weights_of(msg), proximal_mu=mu)
+    settings = msg.content["config"]
+    mu = float(settings.get("proximal-mu", 0.0))
+    spent = json.loads(str(settings.get("dp-sgd-spent", "{}")))
+    weights, num_examples, metrics = me.fit(weights_of(msg), mu, str(settings.get("run", "")), spent)
     if me.dpsgd is not None:
         context.state["dp-sgd"] = ConfigRecord({"history": json.dumps(me.dpsgd.history())})
     content = RecordDict(

@@ -7,6 +7,7 @@ import argparse
 import atexit
 import gc
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -110,6 +111,19 @@ def host_port(text: str) -> str:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise argparse.ArgumentTypeError(f"IPv6 host in {text!r} needs brackets: [{host}]:{port}")
     return text
+
+
+def bind_problem(address: str) -> str | None:
+    """Why nothing can listen on HOST:PORT here (e.g. "Address already in use"), or None."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's own: TIME_WAIT is no owner
+        try:
+            s.bind((host, int(port)))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def is_loopback(address: str) -> bool:

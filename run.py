@@ -28,11 +28,11 @@ from federation import config, model, privacy, records
 from pipeline import models, options, partitions, sources
 
 HERE = Path(__file__).resolve().parent
-SHOWN = ("Round ", "Waiting for clients", "Resuming", "Rejected", "ERROR", "error:")
+SHOWN = ("Round ", "Waiting for clients", "Resuming", "Stopped after round", "Rejected", "ERROR", "error:")
 RUN_JSON = "run.json"  # run.py's own flags, next to the server's config.json
 # Flags that may change from one session of a run to the next; every other flag is the experiment's.
 # --rounds may change too: more rounds extend a resumed run.
-SESSION_FLAGS = ("resume", "run_dir", "port", "threads", "device", "certificates", "round_timeout")
+SESSION_FLAGS = ("resume", "run_dir", "port", "threads", "device", "certificates", "round_timeout", "client_wait")
 
 
 class Stop(Exception):
@@ -130,7 +130,7 @@ def server_command(args, address: str) -> list[str]:
         *("--fraction-fit", args.fraction_fit, "--run-dir", args.run_dir, "--seed", args.seed),
         *("--data-root", args.data_root, "--cache-dir", args.cache_dir),
         *("--model", args.model, "--image-size", args.image_size, "--num-classes", args.num_classes),
-        *("--max-message-mb", args.max_message_mb),
+        *("--max-message-mb", args.max_message_mb, "--client-wait", args.client_wait),
         *("--strategy", args.strategy, "--proximal-mu", args.proximal_mu, "--trim-beta", args.trim_beta),
         *("--num-malicious", args.num_malicious, "--server-lr", args.server_lr),
         *("--screen", args.screen, "--min-cosine", args.min_cosine, "--clip-factor", args.clip_factor),
@@ -157,7 +157,7 @@ def echo(stream, log: Path, ready: threading.Event, marker: str) -> None:
             f.flush()
             if line.startswith(marker):
                 ready.set()
-            if line.startswith(SHOWN) or any(s in line for s in SHOWN[3:]):
+            if line.startswith(SHOWN) or any(s in line for s in SHOWN[4:]):
                 print(line.rstrip(), flush=True)
 
 

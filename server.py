@@ -8,6 +8,7 @@ The current Flower API (a ServerApp on the Message API) is server_app.py: same r
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -42,7 +43,7 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
     inner = {
         "fedavg": lambda: legacy.FedAvg(**sampling),
         "fedprox": lambda: legacy.FedProx(**sampling, proximal_mu=args.proximal_mu),
-        "fedadam": lambda: legacy.FedAdam(**sampling, eta=args.server_lr),
+        "fedadam": lambda: legacy.FedAdam(**sampling, eta=args.server_lr, tau=config.FEDADAM_TAU),
         "fedmedian": lambda: legacy.FedMedian(**sampling),
         "fedtrimmedavg": lambda: legacy.FedTrimmedAvg(**sampling, beta=args.trim_beta),
         "krum": lambda: legacy.Krum(**sampling, num_malicious_clients=f),
@@ -57,6 +58,13 @@ def flower_strategy(args: argparse.Namespace, initial: fl.common.Parameters) -> 
         "client-clipping": legacy.DifferentialPrivacyClientSideFixedClipping,
     }[args.dp]
     return wrapper(inner, args.dp_noise, args.dp_clip_norm, num_sampled_clients=1)
+
+
+class NoClients(Exception):
+    """The round cannot get the clients it needs: they left, or did not come within --client-wait."""
+
+
+GONE_GRACE = 5.0  # seconds to wait once every client that joined has left (a restarted client may be back)
 
 
 class Screened(legacy.Strategy):
@@ -76,10 +84,12 @@ class Screened(legacy.Strategy):
         if self.exhausted:
             return []  # Flower runs the rounds left as empty ones, then tells its clients to disconnect
         instructions = self.inner.configure_fit(server_round + self.offset, parameters, client_manager)
-        if self.rounds.privacy:
-            self.inner.num_sampled_clients = len(instructions)
-            self.rounds.sampled(client_manager.num_available(), len(instructions))
+        for _, ins in instructions:
+            ins.config.update(self.rounds.fit_config())
         try:
+            if self.rounds.privacy:
+                self.inner.num_sampled_clients = len(instructions)
+                self.rounds.sampled(client_manager.num_available(), len(instructions))
             self.rounds.begin(server_round + self.offset)
         except BudgetExhausted as e:
             self.exhausted = str(e)
@@ -123,7 +133,11 @@ class Screened(legacy.Strategy):
     def configure_evaluate(self, server_round, parameters, client_manager):
         if self.exhausted:
             return []
-        instructions = self.inner.configure_evaluate(server_round + self.offset, parameters, client_manager)
+        try:
+            instructions = self.inner.configure_evaluate(server_round + self.offset, parameters, client_manager)
+        except NoClients:  # the round's model is trained and tested centrally: on record before the server ends
+            self.rounds.end()
+            raise
         if not instructions:  # Flower skips aggregate_evaluate then: the round ends here
             self.rounds.end()
         return instructions
@@ -140,10 +154,26 @@ class Screened(legacy.Strategy):
 
 
 class WaitingClientManager(SimpleClientManager):
-    """Says how many clients are connected of how many are needed while it waits."""
+    """Says how many clients are connected of how many are needed while it waits, and gives up (NoClients)
+    after `patience` seconds, or GONE_GRACE seconds once every client that had joined has left."""
+
+    def __init__(self, patience: float) -> None:
+        super().__init__()
+        self.patience = patience
+        self.joined = self.left = 0
+
+    def register(self, client) -> bool:
+        registered = super().register(client)
+        self.joined += registered
+        return registered
+
+    def unregister(self, client) -> None:
+        self.left += client.cid in self.clients
+        super().unregister(client)
 
     def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + min(timeout, self.patience)
         while True:
             with self._cv:
                 if self._cv.wait_for(
@@ -151,8 +181,19 @@ class WaitingClientManager(SimpleClientManager):
                 ):
                     return True
                 connected = len(self.clients)
-            if time.monotonic() >= deadline:
-                return False
+            now = time.monotonic()
+            gone = connected == 0 and self.left > 0
+            if gone and now - began >= GONE_GRACE:
+                raise NoClients(
+                    f"every client that joined has left ({self.left}; their terminals say why) and none came back "
+                    f"within {GONE_GRACE:g} s: fix and restart them, then the server with --resume"
+                )
+            if now >= deadline:
+                left = f"; {self.left} client(s) left mid-run (their terminals say why)" if self.left else ""
+                raise NoClients(
+                    f"only {connected} of the {num_clients} clients needed connected within --client-wait "
+                    f"{self.patience:g} s{left}: start them, or lower --min-clients"
+                )
             print(f"Waiting for clients: {connected} of {num_clients} connected", flush=True)
 
 
@@ -181,6 +222,13 @@ def add_script_args(parser: flags.Parser) -> None:
         metavar=("CA", "CERT", "KEY"),
         default=None,
         help="enable TLS with these PEM files (see certs.py)",
+    )
+    parser.add_argument(
+        "--client-wait",
+        type=flags.positive_float,
+        default=300.0,
+        help="seconds a round waits for --min-clients to be connected before the server gives up (exit 2); "
+        f"{GONE_GRACE:g} s once every client that joined has left",
     )
     parser.add_argument(
         "--max-message-mb",
@@ -255,24 +303,47 @@ def main() -> None:
             "Use --certificates CA CERT KEY.",
             file=sys.stderr,
         )
+    problem = flags.bind_problem(args.server_address)
+    if problem:
+        parser.error(f"cannot listen on --server-address {args.server_address} ({problem}): "
+                     "is another server running there? Stop it, or choose another port")  # fmt: skip
     args.run_dir = str(args.run_dir or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     if args.resume is None and records.RunRecord(args.run_dir).rows():
         parser.error(f"--run-dir {args.run_dir} already holds a run: use --resume {args.run_dir} to continue it")
+    seen: list[int] = []  # a Ctrl-C during the load wins over the error it causes (a half-read image)
+
+    def on_ctrl_c(signum, frame) -> NoReturn:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        rounds = open_run(parser, args, hint=" (or run the server with --no-central-eval)")
+        try:
+            rounds = open_run(parser, args, hint=" (or run the server with --no-central-eval)")
+        except SystemExit:
+            if seen:
+                raise KeyboardInterrupt from None
+            raise
     except KeyboardInterrupt:
         interrupted(parser.prog)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     record = rounds.record
     if rounds.rounds_left <= 0:
         print(f"{args.run_dir} already completed all {args.rounds} rounds")
         print(records.summary_table(record.rows()))
+        return
+    spent = rounds.budget_spent()
+    if spent:  # a continued run whose budget is spent: said at once, not after waiting for clients
+        record.close()
+        print(f"Stopped after round {rounds.done} of {args.rounds}: {spent}", flush=True)
         return
     if args.resume:
         print(f"Resuming {args.run_dir} after round {rounds.done}: {rounds.rounds_left} round(s) left")
     certificates = tuple(p.read_bytes() for p in args.certificates) if args.certificates else None
 
     initial = ndarrays_to_parameters(rounds.weights)
-    privacy.seed_noise(args)
+    privacy.seed_noise(args, rounds.privacy.rounds if rounds.privacy else 0)
     announce_listening(args.server_address)
     stopped = False  # by a signal, through Flower's handler
     strategy = Screened(flower_strategy(args, initial), rounds)
@@ -281,10 +352,15 @@ def main() -> None:
             server_address=args.server_address,
             config=fl.server.ServerConfig(num_rounds=rounds.rounds_left, round_timeout=args.round_timeout),
             strategy=strategy,
-            client_manager=WaitingClientManager(),
+            client_manager=WaitingClientManager(args.client_wait),
             certificates=certificates,
             grpc_max_message_length=rounds.layout.message_bytes(args.max_message_mb),
         )
+    except NoClients as e:  # one line, exit 2; the completed rounds stay on record, to --resume
+        record.close()
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)  # gRPC's threads would keep the process alive
     except KeyboardInterrupt:
         stopped = True  # a second Ctrl-C while Flower shuts down
     except SystemExit as e:

@@ -53,7 +53,7 @@ def flower_strategy(args) -> flower.Strategy:
     inner = {
         "fedavg": lambda: flower.FedAvg(**sampling),
         "fedprox": lambda: flower.FedProx(**sampling, proximal_mu=args.proximal_mu),
-        "fedadam": lambda: flower.FedAdam(**sampling, eta=args.server_lr),
+        "fedadam": lambda: flower.FedAdam(**sampling, eta=args.server_lr, tau=config.FEDADAM_TAU),
         "fedmedian": lambda: flower.FedMedian(**sampling),
         "fedtrimmedavg": lambda: flower.FedTrimmedAvg(**sampling, beta=args.trim_beta),
         "krum": lambda: flower.Krum(**sampling, num_malicious_nodes=f),
@@ -94,6 +94,8 @@ class Screened(flower.Strategy):
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        for key, value in self.rounds.fit_config().items():
+            config[key.replace("_", "-")] = value
         messages = list(self.inner.configure_train(server_round + self.offset, arrays, config, grid))
         if self.rounds.privacy:
             self.inner.num_sampled_clients = len(messages)
@@ -203,9 +205,14 @@ def main(grid: Grid, context: Context) -> None:
     if rounds.rounds_left <= 0:
         log(INFO, "%s already completed all %s rounds", args.run_dir, args.rounds)
         return
+    spent = rounds.budget_spent()
+    if spent:  # a continued run whose budget is spent: said at once, not after waiting for nodes
+        rounds.record.close()
+        log(INFO, "Stopped after round %s of %s: %s", rounds.done, args.rounds, spent)
+        return
     if rounds.done:
         log(INFO, "Resuming %s after round %s: %s round(s) left", args.run_dir, rounds.done, rounds.rounds_left)
-    privacy.seed_noise(args)
+    privacy.seed_noise(args, rounds.privacy.rounds if rounds.privacy else 0)
     strategy = Screened(flower_strategy(args), rounds)
     try:
         strategy.start(

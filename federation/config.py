@@ -11,6 +11,8 @@ from pipeline.sources import CACHE_DIR, DATA_ROOT
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 HOLDOUT_FRACTION = 0.1  # of a partition, kept back for the client's own evaluation
+# FedAdam's tau, the same in both faces: Flower's legacy default (its Message-API class defaults to 1e-3)
+FEDADAM_TAU = 1e-9
 
 
 def add_server_args(parser: flags.Parser) -> None:

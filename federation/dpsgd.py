@@ -8,6 +8,9 @@ Steps run eagerly: capturing Opacus's per-example hooks as a CUDA graph is not a
 """
 
 import argparse
+import hashlib
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +19,10 @@ from pipeline import batches
 from pipeline.models import ModelError
 
 GRAD_SAMPLE_MODE = "hooks"  # Opacus's per-example gradients by module hooks (the tutorial's layers all have them)
+
+
+class SpendMissing(Exception):
+    """The run has this client's DP-SGD spend on record, and its ledger has none: its epsilon would restart."""
 
 
 class DpSgd:
@@ -35,13 +42,49 @@ class DpSgd:
         self.accountant = RDPAccountant()
         if history:
             self.accountant.history = [tuple(h) for h in history]
-        # The noise and the batches' sampling must be secret: fresh randomness, unless --dp-seed repeats them
+        self.seed = seed
         self.noise, self.sampling = torch.Generator(), torch.Generator()
+        self._seed()
+        self.ledger: Path | None = None
+
+    def _seed(self) -> None:
+        # The noise and the batches' sampling must be secret: fresh randomness, unless --dp-seed repeats them; a
+        # seeded client seeds from the steps it has taken too, so that no round (nor a restarted client with its
+        # spend) draws a past step's noise again
+        steps = sum(int(h[2]) for h in self.accountant.history)
         for i, generator in enumerate((self.noise, self.sampling)):
-            if args.dp_seed >= 0:
-                generator.manual_seed(args.dp_seed + seed + i * 7919)
+            if self.args.dp_seed >= 0:
+                key = f"{self.args.dp_seed}/{self.seed}/{i}/{steps}".encode()
+                generator.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
             else:
                 generator.seed()
+
+    def attach(self, run: str, share: str, on_record: float) -> None:
+        """Keep this client's spend in --dp-sgd-ledger for the server's run `run` and this data share, going on
+        from what is there; SpendMissing when the run has `on_record` epsilon for the share and the ledger none."""
+        name = hashlib.sha256(f"{run}/{share}".encode()).hexdigest()[:24]
+        self.ledger = Path(self.args.dp_sgd_ledger).expanduser() / f"{name}.json"
+        kept = json.loads(self.ledger.read_text()) if self.ledger.is_file() else None
+        if kept is None:
+            if on_record > 0 and not self.accountant.history and not self.args.dp_sgd_fresh_ledger:
+                raise SpendMissing(
+                    f"this run has DP-SGD epsilon {on_record:.3f} on record for this client's data, and "
+                    f"{self.ledger} holds no spend: start the client on the machine that has it (or the same "
+                    "--dp-sgd-ledger), or pass --dp-sgd-fresh-ledger to count from zero (an under-count)"
+                )
+            return
+        steps = lambda history: sum(int(h[2]) for h in history)
+        if steps(kept) > steps(self.accountant.history):
+            self.accountant.history = [tuple(h) for h in kept]
+            self._seed()
+
+    def record(self) -> None:
+        """Write the spend to the ledger, atomically (before the update it paid for leaves)."""
+        if self.ledger is not None:
+            self.ledger.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.ledger.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.history()))
+            tmp.replace(self.ledger)
 
     def train(self, loader: batches.Batches, epochs: int, device: torch.device) -> float:
         """DP-SGD for `epochs` epochs of Poisson batches; the mean training loss over the steps."""

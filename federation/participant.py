@@ -3,6 +3,7 @@
 import argparse
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -54,8 +55,11 @@ class Participant:
         self.shuffle_seed = (
             args.seed + (args.partition_id or 0) if args.seed is not None else int.from_bytes(os.urandom(4), "big")
         )
+        self.num_classes = data.num_classes(args.num_classes)
+        self.net, self.layout = model.build(args.model, self.num_classes, data.image_size, seed, self.device)
+        batchnorm = models.has_batchnorm(self.net)
         subset = (train_idx, test_idx, test_from_train)
-        kwargs = {"augment": args.augment, "mean_std": args.normalize}
+        kwargs = {"augment": args.augment, "mean_std": args.normalize, "drop_last": batchnorm}
         if args.pipeline == "tutorial":
             self.trainloader, self.testloader = batches.tutorial_loaders(
                 data, args.batch_size, self.shuffle_seed, *subset, **kwargs
@@ -64,9 +68,8 @@ class Participant:
             self.trainloader, self.testloader = batches.make_loaders(
                 data, args.batch_size, self.device, self.shuffle_seed, *subset, **kwargs
             )
-        self.num_classes = data.num_classes(args.num_classes)
-        self.net, self.layout = model.build(args.model, self.num_classes, data.image_size, seed, self.device)
         self.resize_note = data.resize_note()
+        self.batch_note = batches.remainder_note(self.num_train, args.batch_size, batchnorm)
         self.dpsgd = None
         if getattr(args, "dp_sgd", False):  # Opacus is imported only when asked for
             from federation.dpsgd import DpSgd
@@ -112,16 +115,32 @@ class Participant:
             )
         models.set_weights(self.net, weights)
 
-    def fit(self, weights: list[np.ndarray], proximal_mu: float = 0.0) -> tuple[list[np.ndarray], int, dict]:
-        """Train from the global weights; return (new weights, examples, metrics)."""
+    def share(self) -> str:
+        """This client's data share, as its DP-SGD ledger names it."""
+        a, parted = self.args, self.identity["num_partitions"] > 0
+        where = str(Path(a.data_root).expanduser().resolve())
+        return f"{where}/{self.identity['partition_scheme']}/{self.identity['partition_id']}" + (
+            "" if parted else f"/whole/{self.shuffle_seed}"
+        )
+
+    def fit(
+        self, weights: list[np.ndarray], proximal_mu: float = 0.0, run: str = "", spent: dict | None = None
+    ) -> tuple[list[np.ndarray], int, dict]:
+        """Train from the global weights; return (new weights, examples, metrics). `run`: the server's run id;
+        `spent`: the DP-SGD epsilon the run has on record per partition id (for a client's ledger)."""
         start = time.perf_counter()
         self.cores.apply()  # the clients running now share the cores
         self.load(weights)
+        before = self.probe()
         a = self.args
         if self.dpsgd is not None:
             if proximal_mu:
                 raise ModelMismatch("DP-SGD clips each example's gradient: it does not add FedProx's proximal term")
+            if run:
+                on_record = (spent or {}).get(str(self.identity["partition_id"]), 0.0)
+                self.dpsgd.attach(run, self.share(), on_record if self.identity["num_partitions"] else 0.0)
             loss = self.dpsgd.train(self.trainloader, a.epochs, self.device)
+            self.dpsgd.record()  # the spend is on record before the update leaves
         else:
             loss = cifar.train(
                 self.net,
@@ -134,6 +153,7 @@ class Participant:
                 proximal_mu=proximal_mu,
                 cuda_graph=getattr(a, "cuda_graph", True),
             )
+        after = self.probe()
         seconds = time.perf_counter() - start
         prox = f", proximal mu {proximal_mu:g}" if proximal_mu else ""
         private = {}
@@ -144,6 +164,10 @@ class Participant:
         print(
             f"fit: {a.epochs} epoch(s) on {self.num_train} examples{prox}, loss {loss:.4f}, {seconds:.1f} s", flush=True
         )
+        if screening.diverged(before, after):
+            print(f"WARNING: the model diverged in training: loss {before:.3g} before, {after:.3g} after, on "
+                  f"{min(self.num_test, screening.PROBE_EXAMPLES)} evaluation examples (learning rate too high? "
+                  "a BatchNorm model fed tiny batches?); the server rejects this update", flush=True)  # fmt: skip
         settings = {
             "epochs": a.epochs,
             "batch_size": a.batch_size,
@@ -154,8 +178,20 @@ class Participant:
             "normalize": int(a.normalize),
             "proximal_mu": proximal_mu,
         }
-        metrics = {"train_loss": loss, "fit_seconds": seconds, **self.identity, **settings, **private}
+        probes = {"loss_before": before, "loss_after": after}
+        metrics = {"train_loss": loss, "fit_seconds": seconds, **self.identity, **settings, **private, **probes}
         return models.get_weights(self.net), self.num_train, metrics
+
+    def probe(self) -> float:
+        """The model's mean loss on the first PROBE_EXAMPLES of this client's evaluation data (eval mode)."""
+        first, n = [], 0
+        for images, labels in self.testloader:
+            first.append((images[: screening.PROBE_EXAMPLES - n], labels[: screening.PROBE_EXAMPLES - n]))
+            n += len(first[-1][1])
+            if n >= screening.PROBE_EXAMPLES:
+                break
+        loss, _ = cifar.test(self.net, first, self.device)
+        return loss
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[float, int, dict]:
         """Test the global weights on this client's evaluation data; return (loss, examples, metrics)."""

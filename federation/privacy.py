@@ -69,15 +69,19 @@ def add_seed_arg(parser: flags.Parser) -> None:
     )
 
 
-def seed_noise(args: argparse.Namespace) -> None:
-    """Seed the RNG Flower's DP wrappers draw their noise from (NumPy's global one), when --dp-seed asks."""
+def seed_noise(args: argparse.Namespace, releases: int) -> None:
+    """Seed the RNG Flower's DP wrappers draw their noise from (NumPy's global one), when --dp-seed asks: from the
+    seed and the noised models released so far, so that a resumed run never draws a released round's noise again."""
     if getattr(args, "dp_seed", -1) >= 0:
-        np.random.seed(args.dp_seed)
+        np.random.seed([args.dp_seed, releases])
 
 
 def add_delta_arg(parser: flags.Parser) -> None:
     """The delta at which epsilon is reported (central DP and DP-SGD alike)."""
     parser.add_argument("--dp-delta", type=flags.fraction, default=1e-5, help="the delta at which epsilon is reported")
+
+
+DP_SGD_LEDGER = "~/.cache/flower-cifar/dp-sgd"
 
 
 def add_dp_sgd_args(parser: flags.Parser, delta: bool = True) -> None:
@@ -92,6 +96,19 @@ def add_dp_sgd_args(parser: flags.Parser, delta: bool = True) -> None:
     parser.add_argument("--dp-sgd-noise", type=flags.positive_float, default=1.0, help="DP-SGD: the noise multiplier")
     parser.add_argument(
         "--dp-sgd-clip", type=flags.positive_float, default=1.0, help="DP-SGD: each example's gradient L2 bound"
+    )
+    parser.add_argument(
+        "--dp-sgd-ledger",
+        default=DP_SGD_LEDGER,
+        help="DP-SGD: where the client keeps its spend, per run and data share, written before each update leaves: "
+        "a restarted client goes on from it",
+    )
+    parser.add_argument(
+        "--dp-sgd-fresh-ledger",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="DP-SGD: start from no spend although the run has one on record for this share (its epsilon then "
+        "counts only from here: an under-count)",
     )
     if delta:
         add_delta_arg(parser)
@@ -128,7 +145,8 @@ class Accountant:
 
         self.flower, self.rdp = privacy_accounting, RdpAccountant
         self.noise, self.delta, self.budget = args.dp_noise, args.dp_delta, args.dp_max_epsilon or None
-        self.population = self.sample = 0
+        self.population = self.sample = 0  # the N and m accounted for
+        self.this_round = 0  # the m of the round being run: the DP mean's divisor
         self._accountant = None
         self.rounds = 0
         if state:
@@ -137,16 +155,18 @@ class Accountant:
             self.rounds = state["rounds"]
 
     def start(self, population: int, sample: int) -> None:
-        """Fix the population N and the sample size m (the first round's); later rounds must keep them."""
+        """Account m of N clients a round (the first round's N and m); a later round may take another m or N
+        where the accounted epsilon still bounds it, else BudgetExhausted stops the run before it."""
         relation, sampling = self.flower.NeighboringRelation, self.flower.SamplingMethod
         if self._accountant is not None:
-            if (population, sample) != (self.population, self.sample):
+            if (population, sample) != (self.population, self.sample) and not self.bounded(population, sample):
                 raise BudgetExhausted(
                     f"central DP was accounted for {self.sample} of {self.population} clients a round, this round "
-                    f"samples {sample} of {population}: epsilon would no longer be right"
+                    f"samples {sample} of {population}: a larger share, which the accounted epsilon does not cover"
                 )
+            self.this_round = sample
             return
-        self.population, self.sample = population, sample
+        self.population, self.sample, self.this_round = population, sample, sample
         sampled = sample < population
         config = self.flower.PrivacyConfig(
             target_delta=self.delta,
@@ -158,6 +178,18 @@ class Accountant:
         )
         self._accountant = self.rdp(config, orders=ORDERS)
         self.config = config
+
+    def bounded(self, population: int, sample: int) -> bool:
+        """Whether m of N clients a round is covered by the accounted round's epsilon: every client every round is
+        the same Gaussian mechanism whatever their number (noise sigma C on the sum, sensitivity C), and a sample
+        drawn at a lower rate than the accounted one is amplified more (the same noise multiplier, sigma / 2)."""
+        if sample == population and self.sample == self.population:
+            return True
+        return (
+            sample < population
+            and self.sample < self.population
+            and sample * self.population <= self.sample * population
+        )
 
     def _event(self):
         # noise std sigma*C on the sum; replace-one moves the sum by up to 2C, add/remove-one by C

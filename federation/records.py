@@ -1,5 +1,6 @@
 """A run's records: config.json, metrics.csv, plot.png, TensorBoard events and a checkpoint per round."""
 
+import contextlib
 import csv
 import json
 import math
@@ -107,9 +108,24 @@ class RunRecord:
         """Path of a round's checkpoint (a state_dict of the run's model)."""
         return self.checkpoints / f"round-{server_round:03d}.pt"
 
+    def privacy_spend(self) -> Path:
+        """Path of the central-DP accountant's state after the latest noised release, written before the release."""
+        return self.checkpoints / "privacy.json"
+
     def privacy_state(self, server_round: int) -> Path:
         """Path of the central-DP accountant's state after a round, beside its checkpoint."""
         return self.checkpoints / f"round-{server_round:03d}.privacy.json"
+
+    def client_epsilons(self) -> dict[str, float]:
+        """clients.csv's largest DP-SGD epsilon per partition id (partitioned clients only)."""
+        path, spent = self.dir / "clients.csv", {}
+        if path.is_file():
+            with path.open(newline="") as f:
+                for r in csv.DictReader(f):
+                    with contextlib.suppress(KeyError, TypeError, ValueError):
+                        if int(r["partition_id"]) >= 0 and r["dp_epsilon"]:
+                            spent[r["partition_id"]] = max(float(r["dp_epsilon"]), spent.get(r["partition_id"], 0.0))
+        return spent
 
     def append_clients(self, rows: list[dict]) -> None:
         """clients.csv: each client's update of each round, and what the server did with it."""
@@ -228,6 +244,8 @@ def print_round(row: dict) -> None:
               f"loss {num('centralized_loss')}", flush=True)  # fmt: skip
         return
     kept = " (no update accepted: model kept)" if row.get("fit_clients") == 0 else ""
+    if row.get("fit_clients") == 0 and row.get("noise_only"):
+        kept = " (no update accepted: a model with the noise alone was released, and counted in epsilon)"
     epsilon = f" | epsilon {row['epsilon']:.3f}" if row.get("epsilon") is not None else ""
     if row.get("client_epsilon") is not None:
         epsilon += f" | clients' epsilon up to {row['client_epsilon']:.3f}"

@@ -5,6 +5,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,9 +85,15 @@ class Rounds:
         self.started = 0.0
         self.clients: list[dict] = []  # the clients' training settings, as they report them
         self.client_rows: list[dict] = []  # clients.csv's rows of the round
+        config = record.config() if (record.dir / "config.json").is_file() else {}
+        self.run_id = config.get("run_id") or uuid.uuid4().hex  # what DP-SGD clients key their spend by
+        self.dp_spent = record.client_epsilons()  # partition id -> the DP-SGD epsilon last reported for it
         self.privacy = None
         if args.dp != "none":
-            self.privacy = privacy.Accountant(args, privacy.load_state(record.privacy_state(self.done)))
+            # The latest spend, written before its release: a round released but not recorded (a crash while its
+            # model was out for evaluation) still counts
+            state = privacy.load_state(record.privacy_spend()) or privacy.load_state(record.privacy_state(self.done))
+            self.privacy = privacy.Accountant(args, state)
         record.open_events()
 
     @property
@@ -112,7 +119,21 @@ class Rounds:
     @property
     def dp_sample(self) -> int:
         """How many updates central DP averages a round (0: no central DP, or not known yet)."""
-        return self.privacy.sample if self.privacy else 0
+        return self.privacy.this_round if self.privacy else 0
+
+    def fit_config(self) -> dict[str, str]:
+        """What every client is told with its training instructions: the run, and its DP-SGD spend on record."""
+        return {"run": self.run_id, **({"dp_sgd_spent": json.dumps(self.dp_spent)} if self.dp_spent else {})}
+
+    def budget_spent(self) -> str | None:
+        """Why a continued run's privacy budget allows no further round, or None."""
+        if self.privacy is None or self.privacy.sample == 0 or self.rounds_left <= 0:
+            return None
+        try:
+            self.privacy.check(self.done + 1)
+        except privacy.BudgetExhausted as e:
+            return str(e)
+        return None
 
     def begin(self, server_round: int) -> None:
         """A round's clock starts once its clients are sampled, not while waiting for them; with a privacy
@@ -132,11 +153,14 @@ class Rounds:
         order (arrival order must not change a seeded run's sums); logs each one refused or clipped."""
         sound = []
         for i, (who, arrays, num_examples, metrics) in enumerate(updates):
-            problem = screening.update_problem(arrays, self.template, num_examples) or screening.metrics_problem(
-                metrics
-            )
+            form = screening.update_problem(arrays, self.template, num_examples) or screening.metrics_problem(metrics)
+            blown = None if form else screening.divergence(metrics)  # a client's own loss says it blew up
+            problem = form or blown
+            epsilon, part = metrics.get("dp_epsilon"), metrics.get("partition_id")
+            if isinstance(epsilon, int | float) and isinstance(part, int) and part >= 0:
+                self.dp_spent[str(part)] = max(float(epsilon), self.dp_spent.get(str(part), 0.0))
             self.client_rows.append({"round": self.row["round"], "client": who, "num_examples": num_examples,
-                                     "verdict": "rejected" if problem else "accepted",
+                                     "verdict": "diverged" if blown else "rejected" if problem else "accepted",
                                      **{k: metrics.get(k) for k in ("partition_id", "train_loss", "dp_epsilon")}})  # fmt: skip
             if problem:
                 self.reject(who, problem)
@@ -171,13 +195,16 @@ class Rounds:
 
     def trained(self, weights: list[np.ndarray] | None, metrics: list[tuple[int, dict]], rejected: int) -> None:
         """Record the round's aggregate (None: nothing accepted, the model is kept) and checkpoint it."""
+        if self.privacy:  # on record before the noised model leaves the server; a model kept releases nothing new
+            self.row["epsilon"] = self.privacy.step() if weights is not None else self.privacy.epsilon
+            self.row["noise_only"] = int(weights is not None and not metrics)
+            self.privacy.save(self.record.privacy_spend())
+            self.privacy.save(self.record.privacy_state(self.row["round"]))
         if weights is not None:
             self.weights = self.layout.cast(weights)
         self.record.save_checkpoint(self.row["round"], self.weights, self.layout)
-        if self.privacy:  # a round whose model is kept releases nothing new
-            self.row["epsilon"] = self.privacy.step() if weights is not None else self.privacy.epsilon
-            self.privacy.save(self.record.privacy_state(self.row["round"]))
-        epsilons = [m["dp_epsilon"] for _, m in metrics if isinstance(m.get("dp_epsilon"), int | float)]
+        # A DP-SGD client spent its data on its update whatever the server did with it: rejected ones count too
+        epsilons = [r["dp_epsilon"] for r in self.client_rows if isinstance(r.get("dp_epsilon"), int | float)]
         if epsilons:
             self.row["client_epsilon"] = max(epsilons)
         self.work["fit"] = max((m.get("fit_seconds", 0.0) for _, m in metrics), default=0.0)
@@ -277,7 +304,7 @@ def open_run(parser: flags.Parser, args: argparse.Namespace, clients: dict | Non
         log.warning("fedadam's server-side moments restart on resume (they are not checkpointed)")
     log.info("Model: %s", rounds.layout.describe())
     if rounds.rounds_left > 0:
-        config = {**vars(args), "layout": rounds.layout.record()}
+        config = {**vars(args), "layout": rounds.layout.record(), "run_id": rounds.run_id}
         if clients is not None:
             config["clients"] = clients
         rounds.start(json.loads(json.dumps(config, default=str)))

@@ -11,7 +11,9 @@ TRAIN_METRICS = ("train_loss", "fit_seconds", "partition_id", "num_partitions", 
 # and the training settings it used, which the server records (server.py cannot know them otherwise)
 CLIENT_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "normalize", "proximal_mu",
                    "dp_sgd_noise", "dp_sgd_clip", "dp_delta")  # fmt: skip
-OPTIONAL_METRICS = (*CLIENT_SETTINGS, "dp_epsilon")  # dp_epsilon: a DP-SGD client's epsilon so far
+# dp_epsilon: a DP-SGD client's epsilon so far; loss_before/after: its model on its own evaluation data
+OPTIONAL_METRICS = (*CLIENT_SETTINGS, "dp_epsilon", "loss_before", "loss_after")
+PROBE_EXAMPLES = 256  # of a client's evaluation data, tested before and after training to catch a blow-up
 EVAL_METRICS = ("accuracy", "eval_seconds")
 AVERAGED = ("train_loss", "accuracy")  # the rest are timings and identities, not means worth taking
 
@@ -27,6 +29,25 @@ def update_problem(arrays: list[np.ndarray], template: list[np.ndarray], num_exa
             return f"array {i} is {a.dtype}{list(a.shape)}, the model's is {t.dtype}{list(t.shape)}"
         if not np.isfinite(a).all():
             return f"array {i} holds NaN or Inf"
+    return None
+
+
+DIVERGED_FACTOR = 100  # honest ResNet-18 clients, early on, reach ~6x their starting loss; a blown-up one 1e7x
+
+
+def diverged(before: float, after: float) -> bool:
+    """Whether a model blew up in training: its loss after over DIVERGED_FACTOR x its loss before (at least
+    0.1), or not finite. A ResNet-18 that met a batch of two goes from 2.3 to 1e7 and beyond."""
+    return not math.isfinite(after) or after > DIVERGED_FACTOR * max(before, 0.1)
+
+
+def divergence(metrics: dict) -> str | None:
+    """Why a client's own numbers say its model blew up in training, or None."""
+    before, after = metrics.get("loss_before"), metrics.get("loss_after")
+    if isinstance(before, int | float) and isinstance(after, int | float) and diverged(before, after):
+        return (
+            f"its model diverged in training (loss on its own evaluation data {before:.3g} before, {after:.3g} after)"
+        )
     return None
 
 

@@ -11,6 +11,23 @@ from pipeline.sources import Data
 EVAL_BATCH_SIZE = 1000  # evaluation has no gradients: big batches, same numbers
 
 
+def drops_last(n: int, batch_size: int, batchnorm: bool) -> bool:
+    """Whether an epoch skips its shorter last batch: for batch-norm models, whose running statistics a batch of
+    a few images wrecks (a ResNet-18's loss goes from 2.3 to 1e7), when there is a full batch to train on."""
+    return batchnorm and n > batch_size and n % batch_size != 0
+
+
+def remainder_note(n: int, batch_size: int, batchnorm: bool) -> str | None:
+    """One line when a batch-norm model's epochs drop a last batch, else None."""
+    if not drops_last(n, batch_size, batchnorm):
+        return None
+    full, left = divmod(n, batch_size)
+    return (
+        f"BatchNorm model: {n} training images = {full} x {batch_size} + {left}; each epoch's last batch of {left} "
+        "is dropped (a different one each epoch), since a batch that small wrecks batch-norm statistics"
+    )
+
+
 def memory_format(device: torch.device | str) -> torch.memory_format:
     """channels_last on CPU, where oneDNN runs it ~8% faster; NCHW on CUDA, where channels_last is slower."""
     return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
@@ -72,15 +89,22 @@ class Batches:
         seed: int = 0,
         augment: bool = False,
         mean_std: bool = True,
+        drop_last: bool = False,
     ):
         self.x, self.y, self.batch_size, self.augment, self.mean_std = x, y, batch_size, augment, mean_std
+        self.drop_last = drop_last and len(y) > batch_size  # never every batch
         self.generator = torch.Generator().manual_seed(seed) if shuffle else None
         # Augmentation draws from its own generator: the shuffle stays the tutorial's
         self.augment_generator = torch.Generator().manual_seed(seed + 1) if augment else None
         self.dataset = y  # len(loader.dataset), as with a DataLoader
 
     def __len__(self) -> int:
-        return (len(self.y) + self.batch_size - 1) // self.batch_size
+        return self._end() // self.batch_size if self.drop_last else -(-len(self.y) // self.batch_size)
+
+    def _end(self) -> int:
+        """Where an epoch's batches stop: the whole set, or the last full batch with drop_last."""
+        n = len(self.y)
+        return n - n % self.batch_size if self.drop_last else n
 
     def prepare(self, x: Tensor) -> Tensor:
         """A raw batch as the network takes it: uint8 images to floats; floats pass unchanged."""
@@ -88,16 +112,16 @@ class Batches:
 
     def raw_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches before `prepare`: images as stored (uint8), shuffled and augmented."""
-        n, bs = len(self.y), self.batch_size
+        n, bs, end = len(self.y), self.batch_size, self._end()
         if self.generator is None:
-            for i in range(0, n, bs):
+            for i in range(0, end, bs):
                 yield self.x[i : i + bs], self.y[i : i + bs]
             return
         # Consume the generator as DataLoader(shuffle=True) does: a worker seed, the
         # permutation, then the empty tail RandomSampler draws once it is exhausted
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(n, generator=self.generator).to(self.y.device)
-        for i in range(0, n, bs):
+        for i in range(0, end, bs):
             idx = order[i : i + bs]
             x = self.x.index_select(0, idx)
             yield (augment(x, self.augment_generator) if self.augment else x), self.y.index_select(0, idx)
@@ -108,7 +132,7 @@ class Batches:
         batch_size / n (Poisson sampling, what the accountant assumes), len(self) batches an epoch."""
         n = len(self.y)
         rate = min(1.0, self.batch_size / n)
-        for _ in range(len(self)):
+        for _ in range(-(-n // self.batch_size)):
             idx = torch.nonzero(torch.rand(n, generator=generator) < rate).squeeze(1).to(self.y.device)
             x = self.x.index_select(0, idx)
             yield (augment(x, self.augment_generator) if self.augment else x), self.y.index_select(0, idx)
@@ -139,10 +163,11 @@ def make_loaders(
     test_from_train: bool = False,
     augment: bool = False,
     mean_std: bool = True,
+    drop_last: bool = False,
 ) -> tuple[Batches, Batches]:
-    """Fast loaders over (a subset of) the decoded data, kept as uint8 on the device."""
+    """Fast loaders over (a subset of) the decoded data, kept as uint8 on the device; drop_last: see drops_last."""
     tx, ty, ex, ey = _subsets(data, train_idx, test_idx, test_from_train)
-    train = Batches(tx.to(device), ty.to(device), batch_size, True, seed, augment, mean_std)
+    train = Batches(tx.to(device), ty.to(device), batch_size, True, seed, augment, mean_std, drop_last)
     test = Batches(ex.to(device), ey.to(device), EVAL_BATCH_SIZE, mean_std=mean_std)
     return train, test
 
@@ -173,6 +198,7 @@ def tutorial_loaders(
     test_from_train: bool = False,
     augment: bool = False,
     mean_std: bool = True,
+    drop_last: bool = False,
 ):
     """The tutorial's pipeline, the baseline: per-sample PIL images and transforms in a DataLoader."""
     from torch.utils.data import DataLoader
@@ -189,7 +215,8 @@ def tutorial_loaders(
     ]
     train_transform = transforms.Compose(crop_flip + steps) if augment else transform
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(TutorialDataset(tx, ty, train_transform), batch_size, shuffle=True, generator=generator)
+    train = DataLoader(TutorialDataset(tx, ty, train_transform), batch_size, shuffle=True, generator=generator,
+                       drop_last=drop_last and len(ty) > batch_size)  # fmt: skip
     test = DataLoader(TutorialDataset(ex, ey, transform), batch_size, shuffle=False)
     return train, test
 

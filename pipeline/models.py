@@ -1,10 +1,11 @@
-"""The model: which class (--model MODULE:CLASS), built for the data's classes and image size, and checked."""
+"""The model: which class or factory (--model MODULE:NAME), built for the data's classes and image size, and checked."""
 
 import importlib
 import importlib.util
 import inspect
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,17 @@ class ModelError(Exception):
     """The model cannot be loaded, built or fed this data; the message says why in one line."""
 
 
-def load_class(spec: str) -> type[nn.Module]:
-    """The nn.Module class named by 'module:Class' (importable) or 'path/to/file.py:Class'."""
+Factory = Callable[..., nn.Module]  # an nn.Module class, or a function returning a model (torchvision's resnet18)
+
+
+def load_class(spec: str) -> Factory:
+    """The model named by 'module:NAME' (importable) or 'path/to/file.py:NAME': an nn.Module class or a factory
+    function such as torchvision.models:resnet18 (its weights are not downloaded: it is built untrained)."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
-        raise ModelError(f"--model {spec!r} is not MODULE:CLASS (e.g. cifar:Net, or my_model.py:MyNet)")
+        raise ModelError(
+            f"--model {spec!r} is not MODULE:NAME (e.g. cifar:Net, torchvision.models:resnet18, or my_model.py:MyNet)"
+        )
     try:
         if where.endswith(".py"):
             path = Path(where).expanduser().resolve()
@@ -40,25 +47,42 @@ def load_class(spec: str) -> type[nn.Module]:
         raise
     except Exception as e:  # noqa: BLE001  (a user's module may raise anything at import)
         raise ModelError(f"--model {spec}: importing {where} failed: {_first_line(e)}") from None
-    cls = getattr(module, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ModelError(f"--model {spec}: {where} has no nn.Module class {name}")
-    return cls
+    factory = getattr(module, name, None)
+    is_class = isinstance(factory, type)
+    is_function = callable(factory) and not is_class and not isinstance(factory, nn.Module)
+    if not (is_class and issubclass(factory, nn.Module)) and not is_function:
+        raise ModelError(f"--model {spec}: {where} has no nn.Module class or model function {name}")
+    return factory
+
+
+def takes_num_classes(factory: Factory) -> bool:
+    """Whether the factory takes num_classes: by name, or through **kwargs (torchvision's and timm's factories)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def build(
-    cls: type[nn.Module], num_classes: int, image_size: int, seed: int = 0, device: torch.device | str = "cpu"
+    cls: Factory, num_classes: int, image_size: int, seed: int = 0, device: torch.device | str = "cpu"
 ) -> nn.Module:
     """A freshly initialised model (identical for identical seeds), checked against the data's shape."""
     torch.manual_seed(seed)
-    name = f"{cls.__module__}.{cls.__name__}"
-    takes_classes = "num_classes" in inspect.signature(cls).parameters
+    name = f"{cls.__module__}.{getattr(cls, '__qualname__', cls.__name__)}"
     try:
-        net = cls(num_classes=num_classes) if takes_classes else cls()
+        net = cls(num_classes=num_classes) if takes_num_classes(cls) else cls()
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"building {name} failed: {_first_line(e)}") from None
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"{name} returned a {type(net).__name__}, not an nn.Module")
     check(net, name, num_classes, image_size)
     return net.to(device, memory_format=memory_format(device))
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    """Whether the model has batch-norm layers, whose running statistics a batch of a few images wrecks."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 def check(net: nn.Module, name: str, num_classes: int, image_size: int) -> None:

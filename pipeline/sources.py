@@ -91,10 +91,20 @@ def class_names(data_root: str | Path) -> list[str] | None:
     root = Path(data_root).expanduser()
     with contextlib.suppress(OSError):
         if (root / "train").is_dir():
-            return sorted(e.name for e in os.scandir(root / "train") if e.is_dir()) or None
+            names = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+            empty_classes(root, [f"train/{name}" for name in names if not _holds_image(root / "train" / name)])
+            return names or None
         if (root / TORCHVISION_FOLDER).is_dir():
             return list(CIFAR10_CLASSES)
     return None
+
+
+def _holds_image(folder: Path) -> bool:
+    """Whether a class folder holds at least one image (looked for, not counted)."""
+    for _, _, names in os.walk(folder, followlinks=True):
+        if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names):
+            return True
+    return False
 
 
 def _nearby_image_folder(root: Path) -> Path | None:
@@ -195,6 +205,20 @@ def _scan_split(split: Path, classes: list[str] | None) -> tuple[list[str], list
     return files, labels, found
 
 
+def empty_classes(root: Path, empty: list[str]) -> None:
+    """DataError naming the class folders ("train/triangle") that hold no image: such a class is never learned."""
+    if empty:
+        raise DataError(
+            f"{root}: class folder(s) {', '.join(empty)} hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
+            "add images to them, or remove them from both train/ and test/"
+        )
+
+
+def _empty(split: str, classes: list[str], labels: list[int]) -> list[str]:
+    counts = np.bincount(labels, minlength=len(classes))
+    return [f"{split}/{name}" for name, n in zip(classes, counts) if n == 0]
+
+
 def _decode(path: str, size: int) -> tuple[np.ndarray, str]:
     """One image as uint8 [3, size, size], and its size before resizing."""
     from PIL import Image
@@ -225,6 +249,7 @@ def _load_image_folder(root: Path, cache_dir: str | Path | None, size: int, on_p
     try:
         train_files, train_y, classes = _scan_split(root / "train", None)
         test_files, test_y, _ = _scan_split(root / "test", classes)
+        empty_classes(root, _empty("train", classes, train_y) + _empty("test", classes, test_y))
         stamp = cache.fingerprint(train_files + test_files)
     except OSError as e:
         raise DataError(f"cannot read {root}: {e}") from None

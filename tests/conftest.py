@@ -32,7 +32,6 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: part of the smoke tier that plain `pytest` runs (under 2 minutes)")
-    config.addinivalue_line("markers", "slow: left out of CI's run (`-m 'not slow'`) for time; `pytest --full` runs it")
 
 
 def pytest_collection_modifyitems(config, items):

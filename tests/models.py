@@ -38,3 +38,29 @@ class TenOutputs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(x, 1))
+
+
+class RunawayBuffer(cifar.Net):
+    """The tutorial's Net with a buffer that a training batch of under 4 images corrupts, as a batch of two
+    corrupts a BatchNorm's running statistics: evaluation-mode outputs then come out a million times too large.
+    Buffers are not weights, so no distance screen sees it."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and len(x) < 4:
+            self.scale.fill_(1e6)
+        return super().forward(x) if self.training else super().forward(x) * self.scale
+
+
+def timm_style_net(pretrained: bool = False, **kwargs) -> nn.Module:
+    """A factory function as timm names its models: keyword arguments passed on to the model's class."""
+    assert not pretrained, "no weights to download in a test"
+    return BatchNormNet(**kwargs)
+
+
+def not_a_model(num_classes: int = 10) -> str:
+    """A factory that returns something else than a model."""
+    return "a string"

@@ -73,9 +73,7 @@ def launcher(tmp_path: Path, tiny: Path, *args) -> subprocess.Popen:
 # ---------------------------------------------------------------- signals
 
 
-@pytest.mark.parametrize(
-    "signum, code", [pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow), (signal.SIGINT, 130)]
-)
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_or_ctrl_c_to_run_py_stops_its_server_and_clients_within_10_s(tiny, tmp_path, signum, code):
     proc = launcher(tmp_path, tiny, "--clients", 2, "--rounds", 500)
     wait_for(lambda: has_rows(tmp_path / "run"), proc, tmp_path / "run.log")
@@ -138,7 +136,7 @@ def test_ctrl_c_while_loading_the_data_is_one_line_and_exit_130(tiny, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_server_py_stopped_mid_run_by_sigterm_or_ctrl_c_exits_non_zero_and_says_which_round(tiny, tmp_path, signum):
     address = f"127.0.0.1:{free_port()}"
     common = ("--server-address", address, *data_flags(tiny, tmp_path / "cache"))
@@ -161,7 +159,6 @@ def test_server_py_stopped_mid_run_by_sigterm_or_ctrl_c_exits_non_zero_and_says_
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.slow
 def test_a_resumed_run_py_run_reuses_its_flags_refuses_contradictions_and_extends(tiny, tmp_path):
     run_dir = tmp_path / "run"
     first = ("--clients", 2, "--partitioner", "none", "--epochs", 3, "--rounds", 1, "--run-dir", run_dir)

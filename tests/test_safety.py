@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ENV, ROOT, finish, free_port, run, start
+from conftest import ENV, ROOT, finish, free_port, run, start, wait_for_port
 from test_federation import FAST, data_flags, rows, seeded
 
 import cifar
@@ -89,7 +89,6 @@ def three_rounds(tmp_path, name, hostile=(), honest=2, server_args=()):
     return codes, rows(base / "run"), (base / "server.log").read_text()
 
 
-@pytest.mark.slow
 def test_hostile_clients_are_rejected_and_the_honest_result_is_unchanged(tiny, tmp_path, honest_only):
     hostile = [("shape,nan,examples0", "nanloss,accuracy5,examples0"), ("count,inf,dtype", "accuracy5,nanloss,nanloss")]
     codes, attacked, log = three_rounds(tmp_path, "attacked", hostile)
@@ -137,10 +136,10 @@ def test_a_tls_run_completes_and_a_client_with_the_wrong_ca_is_refused(tiny, tmp
     common = ("--server-address", address, *data_flags(tiny, tmp_path / "cache"))
     srv = start("server.py", *common, "--rounds", 1, "--certificates", ca, cert, key, "--run-dir", tmp_path / "run",
                 log=tmp_path / "server.log")  # fmt: skip
-    began = time.monotonic()
+    wait_for_port("127.0.0.1", int(address.rpartition(":")[2]), proc=srv)  # refused by the server, not absent
     intruder = run("client.py", *common, "--root-certificates", wrong_ca, "--connect-timeout", 5, timeout=60)
-    assert intruder.returncode != 0 and "Traceback" not in intruder.stderr
-    assert time.monotonic() - began < 60
+    assert intruder.returncode == 1 and "Traceback" not in intruder.stderr
+    assert f"a server listens at {address}, but no TLS connection was made within 5 s" in intruder.stderr
     clients = [
         start("client.py", *common, *FAST, *seeded(i), "--root-certificates", ca, log=tmp_path / f"c{i}.log")
         for i in range(2)
@@ -180,7 +179,6 @@ def test_bad_input_is_one_line_and_exit_code_2(script, args, complaint):
     assert len(r.stderr.strip().splitlines()) == 1 and complaint in r.stderr, r.stderr
 
 
-@pytest.mark.slow
 def test_fifty_clients_on_one_server_are_all_aggregated_every_round(tiny, tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     r = run("bench.py", "--out", report, "load", "--data-root", tiny, "--cache-dir", tmp_path / "cache",
@@ -203,7 +201,6 @@ def test_a_poisoner_far_from_the_others_is_screened_out_and_the_honest_result_is
     assert [r["centralized_accuracy"] for r in attacked] == [r["centralized_accuracy"] for r in honest]
 
 
-@pytest.mark.slow
 def test_a_closer_poisoner_is_rejected_or_clipped_by_the_consensus_screen_every_round(tiny, tmp_path):
     codes, attacked, log = three_rounds(tmp_path, "attacked", [("far50,far50,far50", "honest,honest,honest")])
     assert codes == [0, 0, 0, 0], log[-3000:]

@@ -61,7 +61,6 @@ def test_server_py_runs_fedprox_and_its_clients_train_with_the_proximal_term(tin
     assert float(rows(tmp_path / "run")[-1]["centralized_accuracy"]) > 0.2  # chance is 0.1
 
 
-@pytest.mark.slow
 def test_clients_that_disagree_on_partitioning_are_reported_by_the_server(tiny, tmp_path):
     shares = [
         ("--num-partitions", 2, "--partition-id", i, "--partitioner", p) for i, p in ((0, "iid"), (1, "dirichlet"))
@@ -101,6 +100,22 @@ def test_a_round_whose_every_update_is_rejected_keeps_the_model_and_says_so(tmp_
     assert "Rejected update from client 7: array 0 holds NaN" in caplog.text
 
 
+def test_server_py_keeps_the_model_when_every_update_of_a_round_is_rejected(tiny, tmp_path):
+    model = ("--model", "tests/models.py:RunawayBuffer")  # its batches of 2 blow it up: the update is rejected
+    codes, logs = federate(tmp_path, tiny, [(*model, "--batch-size", 2)], ("--rounds", 1, "--min-clients", 1, *model))
+    assert codes == [0, 0], logs[0][-3000:]
+    (row,) = rows(tmp_path / "run")
+    assert (row["fit_clients"], row["rejected"]) == ("0", "1") and "(no update accepted: model kept)" in logs[0]
+    kept = torch_load(RunRecord(tmp_path / "run").checkpoint(1))
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from models import RunawayBuffer
+
+    initial = models.get_weights(models.build(RunawayBuffer, 10, 32, seed=0))  # the server's seeded round-0 model
+    assert len(kept) == len(initial) and all(np.array_equal(a, b) for a, b in zip(kept, initial))
+
+
 def torch_load(path: Path) -> list[np.ndarray]:
     import torch
 
@@ -123,7 +138,6 @@ def simulate(tmp_path, tiny, app: Path = ROOT, nodes: int = 3, **config) -> tupl
     return code, (tmp_path / "flwr.log").read_text()
 
 
-@pytest.mark.slow
 def test_the_app_screens_a_hostile_node_every_round_and_the_run_completes(tiny, tmp_path):
     app = copy_app(tmp_path / "hostile-app", "hostile_app:app", (ROOT / "tests" / "hostile_app.py",))
     code, log = simulate(tmp_path, tiny, app=app, rounds=4, partitioner="'iid'", holdout=0.2)
@@ -137,13 +151,59 @@ def test_the_app_screens_a_hostile_node_every_round_and_the_run_completes(tiny, 
     assert float(table[-1]["centralized_accuracy"]) > 0.3
 
 
-def strategy_args(name: str) -> argparse.Namespace:
+def strategy_args(name: str, *extra: str) -> argparse.Namespace:
     """The server's flags for `name` with 7 clients, f = 1, the other defaults as the parser gives them."""
-    return config.server_parser("test").parse_args(["--strategy", name, "--min-clients", "7", "--num-malicious", "1"])
+    return config.server_parser("test").parse_args(
+        ["--strategy", name, "--min-clients", "7", "--num-malicious", "1", *extra]
+    )
 
 
-@pytest.mark.parametrize("name", config.STRATEGIES)
-def test_every_strategy_aggregates_seven_updates_in_both_faces(name, monkeypatch):
+# numpy references, written from the papers' definitions, over updates stacked as [client, ...] arrays
+def krum_pick(flat: np.ndarray, f: int) -> int:
+    """Krum (Blanchard et al. 2017): the update with the least sum of squared distances to its n-f-2 nearest."""
+    d = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
+    k = max(1, len(flat) - f - 2)
+    return int(np.argmin([np.sort(np.delete(row, i))[:k].sum() for i, row in enumerate(d)]))
+
+
+def reference(name: str, updates: list[list[np.ndarray]], counts: list[int], start, beta=0.2, f=1, eta=0.01):
+    stack = [np.stack([u[j] for u in updates]).astype(np.float64) for j in range(len(start))]
+    flat = np.stack([np.concatenate([a.ravel() for a in u]) for u in updates]).astype(np.float64)
+    n = np.array(counts, dtype=np.float64)
+    mean = [np.tensordot(n / n.sum(), s, axes=1) for s in stack]
+    if name in ("fedavg", "fedprox"):
+        return mean
+    if name == "fedadam":  # one Adam step from the start (beta1 0.9, beta2 0.99, tau 1e-9), bias-corrected
+        step = eta * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+        return [w + step * 0.1 * (m - w) / (np.sqrt(0.01 * (m - w) ** 2) + 1e-9) for w, m in zip(start, mean)]
+    if name == "fedmedian":
+        return [np.median(s, axis=0) for s in stack]
+    if name == "fedtrimmedavg":
+        cut = int(beta * len(updates))
+        return [np.sort(s, axis=0)[cut : len(updates) - cut].mean(axis=0) for s in stack]
+    if name == "krum":
+        return [s[krum_pick(flat, f)] for s in stack]
+    assert name == "bulyan"  # El Mhamdi et al. 2018: theta = n-2f picked by Krum, then beta = theta-2f closest
+    left, chosen = list(range(len(updates))), []
+    for _ in range(len(updates) - 2 * f):
+        best = left[krum_pick(flat[left], f)]
+        chosen.append(best)
+        left.remove(best)
+    keep = len(chosen) - 2 * f
+    out = []
+    for s in stack:
+        picked = s[chosen]
+        order = np.argsort(np.abs(picked - np.median(picked, axis=0)), axis=0, kind="stable")[:keep]
+        out.append(np.take_along_axis(picked, order, axis=0).mean(axis=0))
+    return out
+
+
+# Each strategy, and the settings that must reach it (a trim of 2 of 7 per side, not the default's 1)
+CASES = {**{name: () for name in config.STRATEGIES}, "fedtrimmedavg-0.3": ("--trim-beta", "0.3")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_strategy_aggregates_as_its_numpy_reference_in_both_faces(case, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     for key in ("_run_id", "_node_id", "_task_id"):  # Messages belong to a run and a sender; a ServerApp sets these
@@ -154,32 +214,37 @@ def test_every_strategy_aggregates_seven_updates_in_both_faces(name, monkeypatch
     import server
     import server_app
 
+    name, flags = case.split("-")[0], CASES[case]
     start = models.get_weights(cifar.make_net(0, "cpu"))
     layout = Layout.of(cifar.Net(), "cifar:Net")
     rng = np.random.default_rng(0)
-    updates = [[w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in start] for _ in range(7)]
+    # Spread apart (one update far off) and weighted unequally, so that every rule gives another answer
+    updates = [[w + rng.normal(0, 0.01 * (1 + 5 * (i == 6)), w.shape).astype(w.dtype) for w in start]
+               for i in range(7)]  # fmt: skip
+    counts = [100 * (i + 1) for i in range(7)]
+    beta = float(flags[1]) if flags else 0.2
+    want = reference(name, updates, counts, start, beta=beta)
+    assert max(np.abs(a - b).max() for a, b in zip(want, start)) > 1e-3  # the reference moved the model
     metrics = {"train_loss": 1.0, "fit_seconds": 1.0, "partition_id": 0, "num_partitions": 7, "partition_scheme": 1}
 
-    legacy = server.flower_strategy(strategy_args(name), ndarrays_to_parameters(start))
+    legacy = server.flower_strategy(strategy_args(name, *flags), ndarrays_to_parameters(start))
     legacy.initialize_parameters(None)  # fedadam keeps the current weights from here
-    results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), 100, metrics)) for u in updates]
+    results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), n, metrics))
+               for u, n in zip(updates, counts)]  # fmt: skip
     parameters, _ = legacy.aggregate_fit(1, results, [])
-    assert all(np.isfinite(a).all() for a in parameters_to_ndarrays(parameters))
+    for got, expected in zip(parameters_to_ndarrays(parameters), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
-    current = server_app.flower_strategy(strategy_args(name))
+    current = server_app.flower_strategy(strategy_args(name, *flags))
     current.current_arrays = {k: w for k, w in zip(layout.keys, start)}  # what configure_train sets
     replies = [
         Message(
-            RecordDict(
-                {
-                    "arrays": ArrayRecord(layout.state_dict(u)),
-                    "metrics": MetricRecord({**metrics, "num-examples": 100}),
-                }
-            ),
+            RecordDict({"arrays": ArrayRecord(layout.state_dict(u)), "metrics": MetricRecord({**metrics, "num-examples": n})}),
             dst_node_id=i + 1,
             message_type="train",
         )
-        for i, u in enumerate(updates)
-    ]
+        for i, (u, n) in enumerate(zip(updates, counts))
+    ]  # fmt: skip
     arrays, _ = current.aggregate_train(1, replies)
-    assert all(np.isfinite(a).all() for a in arrays.to_numpy_ndarrays())
+    for got, expected in zip(arrays.to_numpy_ndarrays(), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)

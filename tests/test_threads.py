@@ -85,7 +85,6 @@ def test_a_killed_client_no_longer_counts_and_its_entry_is_cleaned_up(clients, t
     a.exit()
 
 
-@pytest.mark.slow
 def test_threads_given_are_kept_and_the_client_still_counts_for_the_others(clients):
     fixed, auto = clients(threads=3), clients()
     assert fixed.count() == (2, 3)
