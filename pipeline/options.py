@@ -37,8 +37,8 @@ def add_model_args(parser: flags.Parser) -> None:
     parser.add_argument(
         "--model",
         default=MODEL,
-        help="the model, MODULE:CLASS or path/to/file.py:CLASS; built with num_classes=<the data's classes> "
-        "when its constructor takes that argument",
+        help="the model, MODULE:NAME or path/to/file.py:NAME, NAME a class or a function returning a model "
+        "(torchvision.models:resnet18); called with num_classes=<the data's classes> when it takes that argument",
     )
     parser.add_argument(
         "--image-size",
@@ -57,7 +57,13 @@ def add_model_args(parser: flags.Parser) -> None:
 def add_train_args(parser: flags.Parser, epochs: int) -> None:
     """Flags of the training run; defaults are the tutorial's."""
     parser.add_argument("--epochs", type=flags.non_negative_int, default=epochs, help="epochs of training")
-    parser.add_argument("--batch-size", type=flags.positive_int, default=32, help="training batch size")
+    parser.add_argument(
+        "--batch-size",
+        type=flags.positive_int,
+        default=32,
+        help="training batch size; a model with batch-norm layers drops each epoch's shorter last batch (a batch "
+        "of a few images wrecks its running statistics), saying so in one line",
+    )
     parser.add_argument("--lr", type=flags.positive_float, default=0.001, help="SGD learning rate")
     parser.add_argument("--momentum", type=flags.non_negative_float, default=0.9, help="SGD momentum")
     parser.add_argument("--weight-decay", type=flags.non_negative_float, default=0.0, help="SGD weight decay")
