@@ -69,10 +69,12 @@ class Attacker:
     def evaluate(self, weights):
         return self.me.evaluate(weights)
 
-    def fit(self, weights: list[np.ndarray], proximal_mu: float = 0.0) -> tuple[list[np.ndarray], int, dict]:
+    def fit(
+        self, weights: list[np.ndarray], proximal_mu: float = 0.0, run: str = "", spent: dict | None = None
+    ) -> tuple[list[np.ndarray], int, dict]:
         """Train honestly (the metrics look honest), then send the attack's update instead."""
         a, mask = self.args, self.layout.weights
-        honest, n, metrics = self.me.fit(weights, proximal_mu)
+        honest, n, metrics = self.me.fit(weights, proximal_mu, run, spent)
         own = robust.change(honest, weights, mask)
         if a.attack == "reversed":
             poison = -a.boost * own
