@@ -59,7 +59,8 @@ def test_the_grpc_limit_follows_the_model_size_and_stays_bounded():
     from models import BigNet
 
     big = Layout.of(BigNet(), BIG)
-    assert big.message_bytes() == 2 * big.nbytes > 16 * 2**20
+    size = sum(v.numel() * v.element_size() for v in BigNet().state_dict().values())  # its bytes, counted by torch
+    assert big.message_bytes() == 2 * size > 16 * 2**20
     assert big.message_bytes(limit_mb=100) == 100 * 2**20
 
 
@@ -71,7 +72,8 @@ CHANGES = {"batchnorm-five-large": ("five_large", BATCHNORM), "big-twelve": ("tw
 def test_cifar_py_trains_each_change_and_says_what_it_did(request, tmp_path, change):
     data, model = CHANGES[change]
     root = request.getfixturevalue(data)
-    r = run("cifar.py", "--data-root", root, "--cache-dir", tmp_path, "--epochs", 2, "--lr", 0.02, "--model", model,
+    # 3 epochs: a BatchNorm model drops each epoch's short last batch (200 = 6 x 32 + 8), 18 steps in all
+    r = run("cifar.py", "--data-root", root, "--cache-dir", tmp_path, "--epochs", 3, "--lr", 0.02, "--model", model,
             timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     classes = {"twelve": 12, "five_large": 5}[data]
@@ -113,8 +115,9 @@ def test_the_three_terminal_flow_trains_each_change(request, tmp_path, change):
     assert (
         saved["model"] == model and saved["layout"]["arrays"]["fc3.weight"][0] == {"twelve": 12, "five_large": 5}[data]
     )
-    first = float(table[0]["centralized_loss"])
-    assert float(table[-1]["centralized_loss"]) < first  # it learns
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        untrained = float(next(csv.DictReader(f))["centralized_loss"])  # round 0: the initial model
+    assert float(table[-1]["centralized_loss"]) < 0.6 * untrained  # it learns (ln 5 = 1.61 and ln 12 = 2.48 at first)
 
 
 @pytest.fixture(scope="module")

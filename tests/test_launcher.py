@@ -240,4 +240,5 @@ def test_server_py_announces_its_address_and_pid_and_a_plaintext_client_of_a_tls
         srv.terminate()
         srv.wait(timeout=30)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "start server.py first" in r.stderr and "if the server uses TLS, pass --root-certificates CA" in r.stderr
+    assert f"a server listens at {address}, but did not answer in plain text within 2 s" in r.stderr
+    assert "if it uses TLS, pass --root-certificates CA" in r.stderr
