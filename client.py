@@ -39,7 +39,7 @@ class CifarClient(fl.client.NumPyClient):
         try:
             weights, n, metrics = self.participant.fit(
                 parameters, float(config.get("proximal_mu", 0.0)), str(config.get("run", "")),
-                json.loads(str(config.get("dp_sgd_spent", "{}"))),
+                json.loads(str(config.get("dp_sgd_spent", "{}"))), central_dp="dp" in config,
             )  # fmt: skip
         except (ModelMismatch, SpendMissing) as e:
             fail(self.prog, str(e), 2)  # not an Exception: Flower's handler does not print it as a traceback
@@ -49,7 +49,7 @@ class CifarClient(fl.client.NumPyClient):
 
     def evaluate(self, parameters, config):
         try:
-            return self.participant.evaluate(parameters)
+            return self.participant.evaluate(parameters, central_dp="dp" in config)
         except ModelMismatch as e:
             fail(self.prog, str(e), 2)
 

@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     settings = msg.content["config"]
     mu = float(settings.get("proximal-mu", 0.0))
     spent = json.loads(str(settings.get("dp-sgd-spent", "{}")))
-    weights, num_examples, metrics = me.fit(weights_of(msg), mu, str(settings.get("run", "")), spent)
+    weights, num_examples, metrics = me.fit(weights_of(msg), mu, str(settings.get("run", "")), spent, "dp" in settings)
     if me.dpsgd is not None:
         context.state["dp-sgd"] = ConfigRecord({"history": json.dumps(me.dpsgd.history())})
     content = RecordDict(
@@ -73,6 +73,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Test the received model on this node's evaluation data."""
     me = participant(context)
-    loss, num_examples, metrics = me.evaluate(weights_of(msg))
+    central_dp = any("dp" in c for c in msg.content.config_records.values())
+    loss, num_examples, metrics = me.evaluate(weights_of(msg), central_dp)
     content = RecordDict({"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})})
     return Message(content=content, reply_to=msg)

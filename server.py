@@ -135,6 +135,8 @@ class Screened(legacy.Strategy):
             return []
         try:
             instructions = self.inner.configure_evaluate(server_round + self.offset, parameters, client_manager)
+            for _, ins in instructions:
+                ins.config.update(self.rounds.eval_config())
         except NoClients:  # the round's model is trained and tested centrally: on record before the server ends
             self.rounds.end()
             raise

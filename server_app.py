@@ -77,7 +77,7 @@ def unpack_update(content: RecordDict, layout: Layout) -> tuple[list, int, dict]
     if list(arrays.keys()) != list(layout.keys):
         raise ValueError(f"holds arrays {list(arrays.keys())}, the model's are {list(layout.keys)}")
     metrics = dict(next(iter(content.metric_records.values())))
-    required = {"num-examples", *screening.TRAIN_METRICS}
+    required = {"num-examples", *screening.required_metrics(metrics)}
     if not required <= set(metrics) <= required | set(screening.OPTIONAL_METRICS):
         raise ValueError(f"reports metrics {sorted(metrics)}, expected {sorted(required)} and the training settings")
     return arrays.to_numpy_ndarrays(), metrics.pop("num-examples"), metrics
@@ -138,6 +138,8 @@ class Screened(flower.Strategy):
         return ArrayRecord(self.rounds.layout.state_dict(self.rounds.weights)), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        for key, value in self.rounds.eval_config().items():
+            config[key] = value
         return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

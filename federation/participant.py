@@ -124,10 +124,17 @@ class Participant:
         )
 
     def fit(
-        self, weights: list[np.ndarray], proximal_mu: float = 0.0, run: str = "", spent: dict | None = None
+        self,
+        weights: list[np.ndarray],
+        proximal_mu: float = 0.0,
+        run: str = "",
+        spent: dict | None = None,
+        central_dp: bool = False,
     ) -> tuple[list[np.ndarray], int, dict]:
         """Train from the global weights; return (new weights, examples, metrics). `run`: the server's run id;
-        `spent`: the DP-SGD epsilon the run has on record per partition id (for a client's ledger)."""
+        `spent`: the DP-SGD epsilon the run has on record per partition id (for a client's ledger);
+        `central_dp`: the server says the run is under central DP. Under any DP, what no epsilon covers is
+        withheld (see `private_metrics`)."""
         start = time.perf_counter()
         self.cores.apply()  # the clients running now share the cores
         self.load(weights)
@@ -180,6 +187,8 @@ class Participant:
         }
         probes = {"loss_before": before, "loss_after": after}
         metrics = {"train_loss": loss, "fit_seconds": seconds, **self.identity, **settings, **private, **probes}
+        if central_dp or self.dpsgd is not None:
+            return models.get_weights(self.net), screening.coarse_count(self.num_train), private_metrics(metrics)
         return models.get_weights(self.net), self.num_train, metrics
 
     def probe(self) -> float:
@@ -193,11 +202,22 @@ class Participant:
         loss, _ = cifar.test(self.net, first, self.device)
         return loss
 
-    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, int, dict]:
-        """Test the global weights on this client's evaluation data; return (loss, examples, metrics)."""
+    def evaluate(self, weights: list[np.ndarray], central_dp: bool = False) -> tuple[float, int, dict]:
+        """Test the global weights on this client's evaluation data; return (loss, examples, metrics). Under
+        DP no epsilon covers the result: withheld, untested (loss 0 and `withheld` 1, which the server skips)."""
+        if central_dp or self.dpsgd is not None:
+            print("evaluate: withheld under differential privacy (no epsilon covers it)", flush=True)
+            return 0.0, screening.coarse_count(self.num_test), {"withheld": 1}
         start = time.perf_counter()
         self.load(weights)
         loss, accuracy = cifar.test(self.net, self.testloader, self.device)
         seconds = time.perf_counter() - start
         print(f"evaluate: loss {loss:.4f}, accuracy {accuracy:.4f} on {self.num_test} examples", flush=True)
         return loss, self.num_test, {"accuracy": accuracy, "eval_seconds": seconds}
+
+
+def private_metrics(metrics: dict) -> dict:
+    """What a client under DP sends with its update: its identity, settings and epsilon; its losses (the
+    blow-up probe's too) and timing are withheld, since no epsilon covers them."""
+    kept = {k: v for k, v in metrics.items() if k not in screening.WITHHELD}
+    return {**kept, "withheld": 1}

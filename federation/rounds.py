@@ -122,8 +122,15 @@ class Rounds:
         return self.privacy.this_round if self.privacy else 0
 
     def fit_config(self) -> dict[str, str]:
-        """What every client is told with its training instructions: the run, and its DP-SGD spend on record."""
-        return {"run": self.run_id, **({"dp_sgd_spent": json.dumps(self.dp_spent)} if self.dp_spent else {})}
+        """What every client is told with its training instructions: the run, its DP-SGD spend on record, and
+        central DP when it is on."""
+        spent = {"dp_sgd_spent": json.dumps(self.dp_spent)} if self.dp_spent else {}
+        return {"run": self.run_id, **spent, **self.eval_config()}
+
+    def eval_config(self) -> dict[str, str]:
+        """What every client is told with its evaluation instructions: central DP when it is on (the client
+        then withholds its result, which no epsilon covers)."""
+        return {"dp": self.args.dp} if self.privacy else {}
 
     def budget_spent(self) -> str | None:
         """Why a continued run's privacy budget allows no further round, or None."""
@@ -229,7 +236,10 @@ class Rounds:
             self.record.create(config)
 
     def screen_evaluation(self, who: str, loss: float, num_examples: int, metrics: dict) -> bool:
-        """Whether a client's evaluation may be averaged in; logs it when refused."""
+        """Whether a client's evaluation may be averaged in; logs it when refused. One withheld under DP is
+        not averaged, and is no fault."""
+        if metrics.get("withheld") == 1:
+            return False
         problem = screening.evaluation_problem(loss, num_examples, metrics)
         if problem:
             log.warning("Rejected evaluation from client %s: %s", who, problem)

@@ -11,8 +11,11 @@ TRAIN_METRICS = ("train_loss", "fit_seconds", "partition_id", "num_partitions", 
 # and the training settings it used, which the server records (server.py cannot know them otherwise)
 CLIENT_SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "normalize", "proximal_mu",
                    "dp_sgd_noise", "dp_sgd_clip", "dp_delta")  # fmt: skip
-# dp_epsilon: a DP-SGD client's epsilon so far; loss_before/after: its model on its own evaluation data
-OPTIONAL_METRICS = (*CLIENT_SETTINGS, "dp_epsilon", "loss_before", "loss_after")
+# dp_epsilon: a DP-SGD client's epsilon so far; loss_before/after: its model on its own evaluation data;
+# withheld: 1 from a client under DP, which sends none of WITHHELD (no epsilon covers them)
+OPTIONAL_METRICS = (*CLIENT_SETTINGS, "dp_epsilon", "loss_before", "loss_after", "withheld")
+WITHHELD = ("train_loss", "fit_seconds", "loss_before", "loss_after")
+COUNT_STEP = 100  # under DP a client's example count is sent rounded to this: its exact size is no one's business
 PROBE_EXAMPLES = 256  # of a client's evaluation data, tested before and after training to catch a blow-up
 EVAL_METRICS = ("accuracy", "eval_seconds")
 AVERAGED = ("train_loss", "accuracy")  # the rest are timings and identities, not means worth taking
@@ -51,9 +54,21 @@ def divergence(metrics: dict) -> str | None:
     return None
 
 
+def coarse_count(num_examples: int) -> int:
+    """An example count as a client under DP sends it: to the nearest COUNT_STEP, at least COUNT_STEP."""
+    return max(COUNT_STEP, round(num_examples / COUNT_STEP) * COUNT_STEP)
+
+
+def required_metrics(metrics: dict) -> tuple[str, ...]:
+    """The metrics an update must carry: all of TRAIN_METRICS, less the WITHHELD ones from a client under DP."""
+    if metrics.get("withheld") == 1:
+        return tuple(k for k in TRAIN_METRICS if k not in WITHHELD)
+    return TRAIN_METRICS
+
+
 def metrics_problem(metrics: dict) -> str | None:
     """Why an update's metrics are not what a client of this project reports, or None."""
-    missing = [k for k in TRAIN_METRICS if not isinstance(metrics.get(k), int | float)]
+    missing = [k for k in required_metrics(metrics) if not isinstance(metrics.get(k), int | float)]
     return f"sent no {', '.join(missing)}" if missing else None
 
 

@@ -158,3 +158,29 @@ def test_an_oversized_update_is_refused_and_the_run_completes_with_the_honest_cl
     assert table[0]["rejected"] == "1" and all(r["rejected"] == "0" and r["fit_clients"] == "2" for r in table[1:])
     assert all(math.isfinite(float(r["centralized_loss"])) for r in table)
     assert max(float(r["centralized_accuracy"]) for r in table) > 0.2  # chance is 0.1
+
+
+def test_max_message_mb_sets_the_limit_grpc_refuses_an_update_at(tiny, tmp_path):
+    """The 80 MB update: refused by gRPC under --max-message-mb 1, read (and rejected as no model) under 100."""
+    for limit in (1, 100):
+        address = f"127.0.0.1:{free_port()}"
+        log = tmp_path / f"server-{limit}.log"
+        srv = start("server.py", "--server-address", address, *data_flags(tiny, tmp_path / "cache"), "--min-clients",
+                    1, "--rounds", 1, "--max-message-mb", limit, "--run-dir", tmp_path / f"run-{limit}", log=log)  # fmt: skip
+        hostile_log = tmp_path / f"hostile-{limit}.log"
+        hostile = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "hostile_client.py"), address, "oversized", "honest"],
+            env=ENV, stdout=hostile_log.open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        refused = rf"Received message larger than max \(\d+ vs\. {limit * 2**20}\)"
+        read = "array 0 is float32[20000000]"
+        deadline = time.monotonic() + 120
+        while not (re.search(refused, hostile_log.read_text()) or read in log.read_text()):
+            assert time.monotonic() < deadline and srv.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        srv.terminate()
+        finish([srv, hostile], timeout=60)
+        if limit == 1:
+            assert re.search(refused, hostile_log.read_text()) and read not in log.read_text()
+        else:
+            assert read in log.read_text() and "Received message larger than max" not in hostile_log.read_text()

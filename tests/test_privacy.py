@@ -1,9 +1,11 @@
 """Differential privacy: the accountant's epsilon, clipping, noise, the budget and resume (real processes)."""
 
 import argparse
+import csv
 import json
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -133,10 +135,23 @@ def weights(run_dir, r: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def plain(tiny, tmp_path_factory):
-    """The non-private run both clipping sides are compared with (rows of metrics.csv)."""
-    codes, table, _ = federate(tmp_path_factory.mktemp("plain"), tiny, "plain", ("--screen", "none"))
+    """The non-private run both clipping sides are compared with (rows of metrics.csv, and its run dir)."""
+    codes, table, run_dir = federate(tmp_path_factory.mktemp("plain"), tiny, "plain", ("--screen", "none"))
     assert codes == [0, 0, 0]
-    return table
+    return table, run_dir
+
+
+def withheld(run_dir, logs) -> None:
+    """Assert that no record holds what no epsilon covers: losses, evaluations, exact example counts."""
+    table = rows(run_dir)
+    assert all(r["train_loss"] == "" and r["distributed_accuracy"] == "" for r in table), table
+    with (run_dir / "clients.csv").open() as f:
+        sent = list(csv.DictReader(f))
+    assert sent and all(r["train_loss"] == "" and int(r["num_examples"]) % 100 == 0 for r in sent), sent
+    for log in logs:  # each client's exact count, from its own log, is not what the server recorded
+        text = log.read_text()
+        exact = int(re.search(r"Client: (\d+) training", text).group(1))
+        assert exact % 100 and "evaluate: withheld under differential privacy" in text
 
 
 @pytest.mark.parametrize("side", ["server-clipping", "client-clipping"])
@@ -145,14 +160,15 @@ def test_without_noise_and_with_a_clip_above_every_update_central_dp_is_the_plai
     codes, dp, _ = federate(tmp_path, tiny, "dp", private)
     assert codes == [0, 0, 0]
     # Equal shares: the equal weights of DP's mean are the shares' weights; only float rounding may differ
-    for a, b in zip(dp, plain, strict=True):
+    for a, b in zip(dp, plain[0], strict=True):
         assert float(a["centralized_loss"]) == pytest.approx(float(b["centralized_loss"]), rel=1e-5)
         assert a["centralized_accuracy"] == b["centralized_accuracy"]
     assert all(r["epsilon"] == "inf" for r in dp)
 
 
-def test_every_aggregated_update_is_within_the_clipping_norm(tiny, tmp_path):
-    private = ("--screen", "none", "--dp", "server-clipping", "--dp-noise", 0, "--dp-clip-norm", 0.05)
+@pytest.mark.parametrize("side", ["server-clipping", "client-clipping"])
+def test_every_aggregated_update_is_within_the_clipping_norm(tiny, tmp_path, side):
+    private = ("--screen", "none", "--dp", side, "--dp-noise", 0, "--dp-clip-norm", 0.05)
     codes, _, run_dir = federate(tmp_path, tiny, "dp", private, clients=3)
     assert codes == [0, 0, 0, 0]
     moved = [np.linalg.norm(weights(run_dir, r) - weights(run_dir, r - 1)) for r in (2, 3)]
@@ -163,7 +179,7 @@ def test_central_dp_noise_has_the_spread_sigma_c_over_m_and_the_seed_decides_it(
     # Clients that train 0 epochs send the model back unchanged: what the server releases is the noise alone
     private = ("--screen", "none", "--dp", "server-clipping", "--dp-noise", 2.0, "--dp-clip-norm", 0.1)
     runs = {}
-    for name, seed in (("a", 1), ("b", 2), ("c", 1)):
+    for name, seed in (("a", 1), ("b", 2), ("c", 1), ("fresh", -1), ("fresh-again", -1)):
         codes, _, run_dir = federate(tmp_path, tiny, name, (*private, "--dp-seed", seed, "--rounds", 1),
                                      client_flags=("--epochs", 0))  # fmt: skip
         assert codes == [0, 0, 0]
@@ -175,15 +191,39 @@ def test_central_dp_noise_has_the_spread_sigma_c_over_m_and_the_seed_decides_it(
         runs[name] = weights(start_dir, 1) - initial
     assert np.std(runs["a"]) == pytest.approx(2.0 * 0.1 / 2, rel=0.03)  # sigma * C / m
     assert not np.allclose(runs["a"], runs["b"]) and np.array_equal(runs["a"], runs["c"])
+    # --dp-seed -1, the default: fresh noise from the operating system, the same spread, no two runs alike
+    assert np.std(runs["fresh"]) == pytest.approx(2.0 * 0.1 / 2, rel=0.03)
+    assert not np.allclose(runs["fresh"], runs["fresh-again"])
+    assert not any(np.allclose(runs[f], runs[s]) for f in ("fresh", "fresh-again") for s in ("a", "b"))
 
 
-def test_the_budget_stops_the_run_cleanly_and_a_resumed_run_continues_its_epsilon(tiny, tmp_path):
+def red_pixels(png) -> int:
+    """Pixels of matplotlib's tab:red in a plot: the central-DP epsilon line's colour, no other series'."""
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int((np.abs(rgb - [214, 39, 40]).sum(axis=2) < 30).sum())
+
+
+def test_the_budget_stops_the_run_cleanly_and_a_resumed_run_continues_its_epsilon(tiny, tmp_path, plain):
     private = ("--screen", "none", "--dp", "server-clipping", "--dp-noise", 5.0, "--dp-clip-norm", 1.0)
     codes, first, run_dir = federate(tmp_path, tiny, "dp", (*private, "--rounds", 2))
     assert codes == [0, 0, 0]
     spent = [float(r["epsilon"]) for r in first]
     expected = reference_epsilons(5.0, 2, 2, 4)  # both clients every round
     assert spent == pytest.approx(expected[:2], rel=1e-2)
+    # The same epsilon in TensorBoard, the summary table and the plot (where the plain run draws none)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir)).Reload()
+    scalars = events.Scalars("epsilon")
+    assert [e.step for e in scalars] == [0, 1, 2] and [e.value for e in scalars] == pytest.approx([0, *spent])
+    summary = (tmp_path / "dp.log").read_text().splitlines()
+    header = next(line for line in summary if line.split()[:1] == ["round"])
+    assert "epsilon" in header.split() and any(line.split()[:1] == ["2"] and first[-1]["epsilon"] in line.split()
+                                               for line in summary)  # fmt: skip
+    assert red_pixels(run_dir / "plot.png") > 200 and red_pixels(plain[1] / "plot.png") == 0
+    withheld(run_dir, [tmp_path / f"dp-{i}.log" for i in range(2)])
     # Resumed to 6 rounds with a budget that allows one more: epsilon goes on from round 2's, then the run stops
     budget = (expected[2] + expected[3]) / 2
     address = f"127.0.0.1:{free_port()}"
@@ -212,6 +252,8 @@ def test_dp_sgd_clients_report_their_epsilon_and_the_server_records_each(tiny, t
     assert all(float(line.split(",")[5]) > 0 for line in clients[1:])
     saved = json.loads((run_dir / "config.json").read_text())["clients_reported"][0]
     assert saved["dp_sgd_noise"] == 1.0 and saved["dp_delta"] == 1e-5
+    withheld(run_dir, [tmp_path / f"dpsgd-{i}.log" for i in range(2)])
+    assert "Rejected evaluation" not in (tmp_path / "dpsgd.log").read_text()  # withheld is no fault
 
 
 def test_central_dp_on_the_simulation_engine_reports_epsilon_every_round(tiny, tmp_path):
@@ -238,3 +280,21 @@ def test_central_dp_on_the_simulation_engine_reports_epsilon_every_round(tiny, t
     spent = [float(r["epsilon"]) for r in table]
     assert spent == pytest.approx(reference_epsilons(1.0, 4, 2, 2), rel=1e-2)  # 2 of 4 clients a round
     assert "central DP noise with 0.0050 stdev added" in log and math.isfinite(spent[-1])
+    # Under DP no record holds a loss, an evaluation or an exact count (each node holds 75 images)
+    assert all(r["train_loss"] == "" and r["distributed_accuracy"] == "" for r in table)
+    with (tmp_path / "run" / "clients.csv").open() as f:
+        assert {r["num_examples"] for r in csv.DictReader(f)} == {"100"}
+
+
+def test_the_apps_clients_clip_their_own_updates_with_a_small_clipping_norm(tiny, tmp_path):
+    env = app_env(tmp_path / "flwr-home")
+    dp = {"screen": "'none'", "dp": "'client-clipping'", "dp-noise": 0.0, "dp-clip-norm": 0.05, "threads": 1}
+    try:
+        code = flwr_run(env, "--run-config", run_config(tiny, tmp_path, rounds=2, **{"min-clients": 2}, **dp),
+                        "--federation-config", "num-supernodes=2", log=tmp_path / "flwr.log")  # fmt: skip
+    finally:
+        for pid in processes_with("flower-superlink", str(tmp_path / "flwr-home")):
+            os.kill(pid, signal.SIGTERM)
+    assert code == 0, (tmp_path / "flwr.log").read_text()[-4000:]
+    moved = [np.linalg.norm(weights(tmp_path / "run", 2) - weights(tmp_path / "run", 1))]
+    assert all(0.01 < m <= 0.05 * (1 + 1e-6) for m in moved), moved  # a mean of updates each clipped to 0.05

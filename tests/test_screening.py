@@ -166,3 +166,27 @@ def test_resuming_fedadam_warns_that_its_moments_restart(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         open_run(parser, args)
     assert "fedadam's server-side moments restart on resume" in caplog.text
+
+
+def test_an_update_withheld_under_dp_needs_no_losses_but_one_without_them_otherwise_is_rejected(tmp_path):
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+    import server_app
+    from federation import screening
+
+    private = {k: v for k, v in METRICS.items() if k not in ("train_loss", "fit_seconds")}
+    assert screening.metrics_problem({**private, "withheld": 1}) is None
+    assert screening.metrics_problem(private) == "sent no train_loss, fit_seconds"
+    rounds = rounds_for(tmp_path)
+    arrays = ArrayRecord(rounds.layout.state_dict(rounds.weights))
+    for metrics, ok in (({**private, "withheld": 1}, True), (private, False)):
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({**metrics, "num-examples": 100})})
+        if ok:
+            assert server_app.unpack_update(content, rounds.layout)[1] == 100
+        else:
+            with pytest.raises(ValueError, match="reports metrics"):
+                server_app.unpack_update(content, rounds.layout)
+    # A withheld evaluation is skipped without a word; a bad one is rejected
+    assert not rounds.screen_evaluation("c1", 0.0, 100, {"withheld": 1})
+    assert not rounds.screen_evaluation("c2", float("nan"), 100, {"accuracy": 0.5})
+    assert rounds.screen_evaluation("c3", 1.0, 100, {"accuracy": 0.5})
