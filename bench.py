@@ -9,6 +9,7 @@
     python3 bench.py niid --data-root /tmp/data/cifar10-jpeg         # NIID-Bench's FedAvg rows
     python3 bench.py robustness --data-root /tmp/data/cifar10-jpeg   # the attack suite against each strategy
     python3 bench.py privacy --data-root /tmp/data/cifar10-jpeg      # accuracy against epsilon, both kinds of DP
+    python3 bench.py deployment --data-root /tmp/data/cifar10-jpeg   # a round in the three faces, and its parts
 
 Timings are medians of several runs; where two setups are compared they alternate, so a
 drift in the machine's speed hits both alike. The benchmarks themselves live in benchmarks/.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import flags
-from benchmarks import niid, privacy, robustness, scale, speed
+from benchmarks import deployment, niid, privacy, robustness, scale, speed
 from benchmarks.common import HERE, write_section
 from pipeline import partitions, sources
 
@@ -90,6 +91,10 @@ def main() -> None:
     p.add_argument("--rounds", type=flags.positive_int, default=50, help="rounds (the paper: 50)")
     p.add_argument("--partitioners", nargs="+", choices=partitions.PARTITIONERS, default=list(partitions.PARTITIONERS))
     p.add_argument("--runs", type=Path, default=Path("runs"), help="where the run directories go")
+    p = sub.add_parser("deployment", help="a round in the three faces; where a Deployment Engine round goes")
+    p.add_argument("--rounds", type=flags.positive_int, default=4, help="rounds per run")
+    p.add_argument("--epochs", type=flags.positive_int, default=1, help="local epochs")
+    p.add_argument("--repeats", type=flags.positive_int, default=1, help="runs of each face")
     for p in sub.choices.values():
         p.add_argument("--data-root", required=True, help="real CIFAR-10 (torchvision directory or image folder)")
         p.add_argument("--cache-dir", default=sources.CACHE_DIR, help="decoded-image cache")
@@ -109,6 +114,7 @@ def main() -> None:
         "niid": niid.bench_niid,
         "robustness": robustness.bench_robustness,
         "privacy": privacy.bench_privacy,
+        "deployment": deployment.bench_deployment,
     }
     # NIID rows take long: each partitioner's row is its own section, written when it is done
     name = "-".join([args.command, *args.partitioners]) if args.command in ("niid", "robustness") else args.command

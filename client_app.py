@@ -14,6 +14,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from federation import config
 from federation.participant import Participant
+from federation.stopwatch import Stopwatch
 from pipeline import sources
 
 # Run-config keys named differently from client.py's flags; None: a server's key, not the client's
@@ -25,7 +26,7 @@ app = ClientApp()
 _shared_data = functools.cache(sources.load_arrays)
 
 
-def participant(context: Context) -> Participant:
+def participant(context: Context, watch: Stopwatch | None = None) -> Participant:
     """This node's client, from the run config and the node's partition."""
     parser = config.client_parser("The Flower App's client: pyproject.toml's run config, as client.py's flags.")
     node = {k: v for k, v in context.node_config.items() if k in ("partition-id", "num-partitions")}
@@ -33,7 +34,13 @@ def participant(context: Context) -> Participant:
     config.check_partition_args(parser, args)
     # A DP-SGD client's accountant lives in the node's context from one round to the next
     history = json.loads(context.state["dp-sgd"]["history"]) if "dp-sgd" in context.state else None
-    return Participant(args, _shared_data(args.data_root, args.cache_dir, args.image_size), history)
+    data = _shared_data(args.data_root, args.cache_dir, args.image_size)
+    if watch:
+        watch.mark("data")
+    me = Participant(args, data, history)
+    if watch:
+        watch.mark("built")  # partition, batches and model
+    return me
 
 
 def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -50,7 +57,8 @@ def weights_of(msg: Message) -> list:
 @app.train(mods=[client_side_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's data; reply with the new model and num-examples."""
-    me = participant(context)
+    watch = Stopwatch("train")
+    me = participant(context, watch)
     if me.batch_note:
         print(me.batch_note, flush=True)
     # FedProx sends its proximal term's weight; every other strategy trains plainly
@@ -58,6 +66,7 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(settings.get("proximal-mu", 0.0))
     spent = json.loads(str(settings.get("dp-sgd-spent", "{}")))
     weights, num_examples, metrics = me.fit(weights_of(msg), mu, str(settings.get("run", "")), spent, "dp" in settings)
+    watch.mark("worked")
     if me.dpsgd is not None:
         context.state["dp-sgd"] = ConfigRecord({"history": json.dumps(me.dpsgd.history())})
     content = RecordDict(
@@ -66,14 +75,18 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": MetricRecord({**metrics, "num-examples": num_examples}),
         }
     )
+    watch.mark("replied")
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Test the received model on this node's evaluation data."""
-    me = participant(context)
+    watch = Stopwatch("evaluate")
+    me = participant(context, watch)
     central_dp = any("dp" in c for c in msg.content.config_records.values())
     loss, num_examples, metrics = me.evaluate(weights_of(msg), central_dp)
+    watch.mark("worked")
     content = RecordDict({"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})})
+    watch.mark("replied")
     return Message(content=content, reply_to=msg)

@@ -114,18 +114,20 @@ def test_clients_joining_and_leaving_a_central_dp_run_are_taken_and_epsilon_stay
     server = start("server.py", "--server-address", address, *data_flags(tiny, tmp_path / "cache"), "--run-dir",
                    run_dir, "--rounds", 7, *CENTRAL, log=tmp_path / "server.log")  # fmt: skip
     early = clients(address, tiny, tmp_path, ids=(0, 1), n=3, extra=("--epochs", 15))  # rounds of a few seconds
+
+    def taken() -> list[str]:
+        return [r["fit_clients"] for r in rows(run_dir)] if (run_dir / "metrics.csv").is_file() else []
+
     until(lambda: "[ROUND 1]" in (tmp_path / "server.log").read_text(), "round 1", procs=[server])
     (late,) = clients(address, tiny, tmp_path, ids=(2,), n=3, tag="late")  # joins a round or two later
-    three = lambda: (run_dir / "metrics.csv").is_file() and any(r["fit_clients"] == "3" for r in rows(run_dir))
-    until(three, "a round with the late client", procs=[server])
+    until(lambda: "3" in taken(), "a round with the late client", procs=[server])
     early[1].kill()  # and one of the first two leaves, mid-round or between rounds
     early[1].wait()
     assert finish([server, early[0], late]) == [0, 0, 0], (tmp_path / "server.log").read_text()[-3000:]
-    table = rows(run_dir)
-    taken = [r["fit_clients"] for r in table]
-    assert taken[0] == "2" and "3" in taken and taken[-1] == "2", taken
+    assert taken()[0] == "2" and "3" in taken() and taken()[-1] == "2", taken()
     # Every client every round is one Gaussian mechanism whatever their number: one release a round
-    assert [float(r["epsilon"]) for r in table] == pytest.approx(reference_epsilons(5.0, 2, 2, 7), rel=1e-2)
+    expected = reference_epsilons(5.0, 2, 2, 7)
+    assert [float(r["epsilon"]) for r in rows(run_dir)] == pytest.approx(expected, rel=1e-2)
 
 
 def test_run_py_shows_the_budget_stop_and_a_spent_budget_resumed_stops_at_once(tiny, tmp_path):

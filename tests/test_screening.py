@@ -168,7 +168,7 @@ def test_resuming_fedadam_warns_that_its_moments_restart(tmp_path, caplog):
     assert "fedadam's server-side moments restart on resume" in caplog.text
 
 
-def test_an_update_withheld_under_dp_needs_no_losses_but_one_without_them_otherwise_is_rejected(tmp_path):
+def test_an_update_withheld_under_dp_needs_no_losses_but_one_without_them_otherwise_is_rejected(tmp_path, caplog):
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
     import server_app
@@ -186,7 +186,11 @@ def test_an_update_withheld_under_dp_needs_no_losses_but_one_without_them_otherw
         else:
             with pytest.raises(ValueError, match="reports metrics"):
                 server_app.unpack_update(content, rounds.layout)
-    # A withheld evaluation is skipped without a word; a bad one is rejected
-    assert not rounds.screen_evaluation("c1", 0.0, 100, {"withheld": 1})
-    assert not rounds.screen_evaluation("c2", float("nan"), 100, {"accuracy": 0.5})
+    # A withheld evaluation is skipped without a word; a bad one is rejected, and logged
+    with caplog.at_level(logging.WARNING):
+        assert not rounds.screen_evaluation("c1", 0.0, 100, {"withheld": 1})
+    assert "Rejected evaluation" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert not rounds.screen_evaluation("c2", float("nan"), 100, {"accuracy": 0.5})
+    assert "Rejected evaluation from client c2" in caplog.text
     assert rounds.screen_evaluation("c3", 1.0, 100, {"accuracy": 0.5})

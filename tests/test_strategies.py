@@ -198,8 +198,11 @@ def reference(name: str, updates: list[list[np.ndarray]], counts: list[int], sta
     return out
 
 
-# Each strategy, and the settings that must reach it (a trim of 2 of 7 per side, not the default's 1)
-CASES = {**{name: () for name in config.STRATEGIES}, "fedtrimmedavg-0.3": ("--trim-beta", "0.3")}
+# Each strategy, and the settings that must reach it (a trim of 2 of 7 per side, not the default's 1; Krum's f)
+CASES = {**{name: () for name in config.STRATEGIES}, "fedtrimmedavg-0.3": ("--trim-beta", "0.3"),
+         "krum-f2": ("--num-malicious", "2")}  # fmt: skip
+# Krum's updates: along one line, where each f (0, 1, 2) picks another one (Krum's score sums n-f-2 distances)
+KRUM_LINE = [0.0, 0.1, 0.5, 1.2, 1.3, 1.6, 1.8]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -221,9 +224,17 @@ def test_every_strategy_aggregates_as_its_numpy_reference_in_both_faces(case, mo
     # Spread apart (one update far off) and weighted unequally, so that every rule gives another answer
     updates = [[w + rng.normal(0, 0.01 * (1 + 5 * (i == 6)), w.shape).astype(w.dtype) for w in start]
                for i in range(7)]  # fmt: skip
+    given = dict(zip(flags[::2], flags[1::2]))
+    beta, f = float(given.get("--trim-beta", 0.2)), int(given.get("--num-malicious", 1))
+    if name == "krum":
+        direction = [rng.normal(0, 1, w.shape) for w in start]
+        norm = np.sqrt(sum(float((d**2).sum()) for d in direction))
+        updates = [[(w + 0.1 * x * d / norm + rng.normal(0, 1e-6, w.shape)).astype(w.dtype)
+                    for w, d in zip(start, direction)] for x in KRUM_LINE]  # fmt: skip
+        flat = np.stack([np.concatenate([a.ravel() for a in u]) for u in updates]).astype(np.float64)
+        assert krum_pick(flat, f) != krum_pick(flat, 0)  # f matters here: a strategy without it picks another
     counts = [100 * (i + 1) for i in range(7)]
-    beta = float(flags[1]) if flags else 0.2
-    want = reference(name, updates, counts, start, beta=beta)
+    want = reference(name, updates, counts, start, beta=beta, f=f)
     assert max(np.abs(a - b).max() for a, b in zip(want, start)) > 1e-3  # the reference moved the model
     metrics = {"train_loss": 1.0, "fit_seconds": 1.0, "partition_id": 0, "num_partitions": 7, "partition_scheme": 1}
 
