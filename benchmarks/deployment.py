@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,8 @@ FLOOR_APP = {
         from flwr.serverapp import ServerApp
         from flwr.serverapp.strategy import FedAvg
 
-        client, server = ClientApp(), ServerApp()
+        client = ClientApp()
+        server = ServerApp()
 
         @client.train()
         def train(msg, context):
@@ -124,14 +126,18 @@ def deployment(args, cache: str, tmp: Path, name: str, app: Path, config: str, e
     procs = [subprocess.Popen([str(FLWR_BIN / "flower-superlink"), "--insecure", "--host", host, "--port", port],
                               env=env, stdout=logs[0], stderr=subprocess.STDOUT)]  # fmt: skip
     try:
+        listening(link, procs[0])
         for i in range(2):
             procs.append(subprocess.Popen(
                 [str(FLWR_BIN / "flower-supernode"), "--insecure", "--superlink", link, "--node-config",
                  f"partition-id={i} num-partitions=2", "--port", free_address().rsplit(":", 1)[1]],
                 env=env, stdout=logs[1 + i], stderr=subprocess.STDOUT))  # fmt: skip
-        subprocess.run([str(FLWR_BIN / "flwr"), "run", str(app), "bench", "--run-config", config, "--stream"],
-                       env=env, cwd=app, check=True, timeout=3600, stdout=(tmp / f"{name}.log").open("w"),
-                       stderr=subprocess.STDOUT)  # fmt: skip
+        log = tmp / f"{name}.log"
+        done = subprocess.run([str(FLWR_BIN / "flwr"), "run", str(app), "bench", "--run-config", config, "--stream"],
+                              env=env, cwd=app, timeout=3600, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: flwr run failed:\n{log.read_text()[-3000:]}")
     finally:
         for p in procs:
             p.terminate()
@@ -139,6 +145,20 @@ def deployment(args, cache: str, tmp: Path, name: str, app: Path, config: str, e
             p.wait(timeout=60)
     marks = [json.loads(line) for line in timings.read_text().splitlines()] if timings.exists() else []
     return {"marks": marks}
+
+
+def listening(address: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until something accepts connections at HOST:PORT (a probe, not a sleep)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens at {address}") from None
+            time.sleep(0.1)
 
 
 def our_deployment(args, cache: str, tmp: Path, name: str, env_extra: dict) -> dict:

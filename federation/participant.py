@@ -39,7 +39,7 @@ class Participant:
                     "use fewer partitions"
                 )
             share = partitions.partition_indices(
-                data.train_y, args.num_partitions, args.partition_id, args.partitioner, args.alpha, seed
+                data.train_y, args.num_partitions, args.partition_id, args.partitioner, args.alpha, seed, args.cache_dir
             )
             if len(share) < 2:
                 raise sources.DataError(

@@ -1,4 +1,10 @@
-"""Each client's share of a labelled set: flwr-datasets' partitioners, seeded, and a held-out split."""
+"""Each client's share of a labelled set: flwr-datasets' partitioners, seeded, cached; and a held-out split."""
+
+import contextlib
+import hashlib
+import importlib.metadata
+import os
+from pathlib import Path
 
 import numpy as np
 from torch import Tensor
@@ -13,13 +19,41 @@ def partition_indices(
     partitioner: str = "iid",
     alpha: float = 0.5,
     seed: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> np.ndarray:
-    """Indices of one client's share of a labelled set, from flwr-datasets' partitioners."""
+    """Indices of one client's share of a labelled set, from flwr-datasets' partitioners. With a cache_dir, kept
+    there: a ClientApp starts a process per message, and importing flwr-datasets alone takes seconds."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition id {partition_id} is not in 0..{num_partitions - 1}")
+    path = cached_path(cache_dir, labels, num_partitions, partition_id, partitioner, alpha, seed)
+    if path is not None:
+        with contextlib.suppress(OSError, ValueError):
+            return np.load(path)
+    share = _partition(labels, num_partitions, partition_id, partitioner, alpha, seed)
+    if path is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the partitioning next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            np.save(tmp, share)
+            os.replace(tmp, path)  # readers never see half a file
+    return share
+
+
+def cached_path(cache_dir, labels: Tensor, *settings) -> Path | None:
+    """Where a share is kept: named by the labels, the settings and flwr-datasets' version (None: no cache)."""
+    if not cache_dir:
+        return None
+    h = hashlib.sha256(labels.numpy().tobytes())
+    h.update(repr((settings, importlib.metadata.version("flwr-datasets"))).encode())
+    return Path(cache_dir).expanduser() / "partitions" / f"{h.hexdigest()[:24]}.npy"
+
+
+def _partition(
+    labels: Tensor, num_partitions: int, partition_id: int, partitioner: str, alpha: float, seed: int
+) -> np.ndarray:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition id {partition_id} is not in 0..{num_partitions - 1}")
     # Shuffle first: IidPartitioner takes contiguous shards, and image folders are sorted by class
     order = np.random.default_rng(seed).permutation(len(labels))
     table = Dataset.from_dict({"label": labels.numpy()[order], "index": order})

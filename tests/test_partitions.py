@@ -62,3 +62,23 @@ def test_a_partition_too_small_to_train_on_is_one_line_and_exit_code_2(forked, t
             "--num-partitions", partitions, "--connect-timeout", 1)
     )  # fmt: skip
     assert "use fewer partitions" in line
+
+
+def test_a_cached_share_is_the_partitioners_and_a_new_process_reads_it_without_importing_flwr_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+
+    cached = partitions.partition_indices(LABELS, 3, 1, "dirichlet", 0.5, 0, cache_dir=tmp_path)
+    assert np.array_equal(cached, shares(3, "dirichlet")[1]) and len(list((tmp_path / "partitions").iterdir())) == 1
+    code = (
+        "import sys, numpy as np, torch; from pipeline import partitions; "
+        f"s = partitions.partition_indices(torch.arange(2000) % 10, 3, 1, 'dirichlet', 0.5, 0, cache_dir={str(tmp_path)!r}); "
+        f"np.save({str(tmp_path / 'again.npy')!r}, s); print('flwr_datasets' in sys.modules, 'datasets' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["False", "False"] and np.array_equal(np.load(tmp_path / "again.npy"), cached)
+    # Other settings, another share: not the cached one
+    other = partitions.partition_indices(LABELS, 3, 1, "dirichlet", 0.1, 0, cache_dir=tmp_path)
+    assert not np.array_equal(other, cached) and len(list((tmp_path / "partitions").iterdir())) == 2
