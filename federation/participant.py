@@ -159,6 +159,9 @@ class Participant:
                 a.weight_decay,
                 proximal_mu=proximal_mu,
                 cuda_graph=getattr(a, "cuda_graph", True),
+                # Every 100 steps, the cores again shared among the clients alive now: one that started alone
+                # (a Deployment Engine message, started a poll earlier than the other's) gives a core back
+                on_progress=lambda *_: self.cores.apply(),
             )
         after = self.probe()
         seconds = time.perf_counter() - start

@@ -1,6 +1,8 @@
 """Who may join and how much one may send: SuperNode authentication, bounded messages (real processes)."""
 
 import argparse
+import itertools
+import json
 import math
 import re
 import stat
@@ -66,7 +68,7 @@ def test_bad_supernode_key_names_are_one_line_and_exit_code_2(tmp_path, args, co
 def test_the_deployment_engine_over_tls_lets_only_registered_supernodes_join_and_runs_the_app_with_them(tiny, tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
-    env = app_env(home)
+    env = {**app_env(home), "FLOWER_CIFAR_TIMINGS": str(tmp_path / "timings.jsonl")}  # each message's stopwatch
     ca, cert, key = make_certs(tmp_path / "certs")
     keys = make_keys(tmp_path / "keys", "node0", "node1", "stranger")
     port = free_port()
@@ -125,6 +127,12 @@ def test_the_deployment_engine_over_tls_lets_only_registered_supernodes_join_and
     # The federation never held more than the two registered SuperNodes
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.count('"node-id"') == 2, listed.stdout
+    # Every message ran in a process of its own, and its stopwatch marks follow each other in time
+    marks = [json.loads(line) for line in (tmp_path / "timings.jsonl").read_text().splitlines()]
+    assert sorted(m["kind"] for m in marks) == ["evaluate"] * 4 + ["train"] * 4, marks
+    stages = ("born", "entered", "data", "built", "worked", "replied", "exited")
+    assert all(all(m[a] <= m[b] for a, b in itertools.pairwise(stages)) for m in marks), marks
+    assert all(m["exited"] - m["born"] < 120 for m in marks), marks
 
 
 def test_an_oversized_update_is_refused_and_the_run_completes_with_the_honest_clients(tiny, tmp_path):

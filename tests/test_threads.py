@@ -8,13 +8,13 @@ import sys
 import pytest
 from conftest import ENV, ROOT
 
-from pipeline import cores
+from pipeline import cores, models
 
 # A client process in miniature: registers as client.py does, then answers "count" with
 # how many clients it sees alive and how many threads it takes, until its stdin closes
 CLIENT = """
 import sys
-from pipeline import cores
+from pipeline import cores, models
 share = cores.CoreShare(int(sys.argv[2]) if len(sys.argv) > 2 else None, registry=sys.argv[1])
 print("registered", flush=True)
 for line in sys.stdin:
@@ -99,3 +99,44 @@ def test_an_entry_whose_pid_was_reused_by_another_process_is_ignored(clients, tm
     (tmp_path / "registry" / str(os.getpid())).write_text("1")
     assert a.count() == (1, CORES)
     a.exit()
+
+
+# Waits for a line, then registers as a client would, says so, and stays alive until its stdin closes
+LATECOMER = """
+import sys
+from pipeline import cores, models
+sys.stdin.readline()
+share = cores.CoreShare(registry=sys.argv[1])
+print("registered", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(CORES < 2, reason="sharing needs two cores")
+def test_a_client_that_started_alone_gives_cores_back_when_another_starts_mid_training(tiny, tmp_path):
+    import threading
+
+    import torch
+
+    from federation import config
+    from federation.participant import Participant
+
+    # 135 training images a batch at a time: training re-shares the cores at step 100 of each of its epochs
+    args = config.client_parser("").parse_args(["--data-root", str(tiny), "--cache-dir", str(tmp_path), "--epochs",
+                                                "8", "--batch-size", "1", "--num-partitions", "2", "--partition-id", "0"])  # fmt: skip
+    me = Participant(args)  # registers this process as a client, alone: every core
+    other = subprocess.Popen([sys.executable, "-c", LATECOMER, str(me.cores.registry)], cwd=ROOT, env=ENV,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        # A Deployment Engine message's process, started a poll later: it registers while this one trains
+        start_late = threading.Timer(0.5, lambda: (other.stdin.write("go\n"), other.stdin.flush()))
+        start_late.start()
+        me.fit(models.get_weights(me.net))
+        assert other.stdout.readline().strip() == "registered"
+        assert torch.get_num_threads() == CORES // 2  # given back mid-training, not at the next round
+    finally:
+        start_late.cancel()
+        other.stdin.close()
+        other.wait(timeout=30)
+        torch.set_num_threads(threads)
