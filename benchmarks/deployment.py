@@ -273,10 +273,11 @@ def report(args, faces: dict, imports: dict, load_start: float) -> str:
             cells = " | ".join(f"{b[k]:.2f}" for k in ("start", "data", "build", "work", "reply", "exit"))
             lines.append(f"| {kind} | {cells} | {sum(b.values()):.2f} |")
     parts = (
-        f'Of "process start to the handler", measured apart in fresh processes (medians of 5): the interpreter '
-        f"{imports['python']:.2f} s; Flower's ClientApp runtime imported {imports['flwr'] - imports['python']:.2f} s; "
-        f"`client_app` (torch and the project) {imports['app'] - imports['flwr']:.2f} s more; the rest is Flower "
-        "pulling the message, fetching and unpacking the app."
+        f'Of "process start to the handler", measured apart in fresh processes (medians of 5, each with its exit): '
+        f"the interpreter {imports['python']:.2f} s; Flower's ClientApp runtime imported "
+        f"{imports['flwr'] - imports['python']:.2f} s; `client_app` (torch and the project) "
+        f"{imports['app'] - imports['flwr']:.2f} s more. Together they are about the whole of it: Flower's pulling "
+        "of the message and unpacking of the app take little beside them."
     )
     lines += ["", parts, "", load_note(load_start)]
     return "\n".join(lines)

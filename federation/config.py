@@ -110,7 +110,11 @@ def server_parser(description: str) -> flags.Parser:
     parser = flags.Parser(description=description)
     add_server_args(parser)
     parser.add_argument("--data-root", default=DATA_ROOT, help="the data, for the centralized evaluation (as cifar.py)")
-    parser.add_argument("--cache-dir", default=CACHE_DIR, help="where decoded image folders and clients' partitions are cached; '' to disable")
+    parser.add_argument(
+        "--cache-dir",
+        default=CACHE_DIR,
+        help="where decoded image folders and clients' partitions are cached; '' to disable",
+    )
     options.add_model_args(parser)
     privacy.add_central_args(parser)
     parser.add_argument("--device", default="cpu", help="device for the centralized evaluation")
