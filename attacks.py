@@ -66,15 +66,21 @@ class Attacker:
             self.flipped = batches.Batches(loader.x, flipped, loader.batch_size, True,
                                            participant.shuffle_seed, loader.augment, loader.mean_std)  # fmt: skip
 
-    def evaluate(self, weights):
-        return self.me.evaluate(weights)
+    def evaluate(self, weights, central_dp: bool = False):
+        return self.me.evaluate(weights, central_dp)
 
     def fit(
-        self, weights: list[np.ndarray], proximal_mu: float = 0.0, run: str = "", spent: dict | None = None
+        self,
+        weights: list[np.ndarray],
+        proximal_mu: float = 0.0,
+        run: str = "",
+        spent: dict | None = None,
+        central_dp: bool = False,
     ) -> tuple[list[np.ndarray], int, dict]:
-        """Train honestly (the metrics look honest), then send the attack's update instead."""
+        """Train honestly (the metrics look honest, withheld under DP as an honest client's are), then send the
+        attack's update instead."""
         a, mask = self.args, self.layout.weights
-        honest, n, metrics = self.me.fit(weights, proximal_mu, run, spent)
+        honest, n, metrics = self.me.fit(weights, proximal_mu, run, spent, central_dp)
         own = robust.change(honest, weights, mask)
         if a.attack == "reversed":
             poison = -a.boost * own
