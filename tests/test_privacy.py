@@ -256,8 +256,18 @@ def test_dp_sgd_clients_report_their_epsilon_and_the_server_records_each(tiny, t
     assert "Rejected evaluation" not in (tmp_path / "dpsgd.log").read_text()  # withheld is no fault
 
 
-def test_central_dp_on_the_simulation_engine_reports_epsilon_every_round(tiny, tmp_path):
+def simulate(tiny, tmp_path, nodes: int, dp: dict) -> int:
+    """The App on the Simulation Engine, 2 rounds with `nodes` SuperNodes and the DP run config; its exit code."""
     env = app_env(tmp_path / "flwr-home")
+    try:
+        return flwr_run(env, "--run-config", run_config(tiny, tmp_path, rounds=2, **{"min-clients": 2}, **dp),
+                        "--federation-config", f"num-supernodes={nodes}", log=tmp_path / "flwr.log")  # fmt: skip
+    finally:  # the local SuperLink that `flwr run` started detaches: stop it
+        for pid in processes_with("flower-superlink", str(tmp_path / "flwr-home")):
+            os.kill(pid, signal.SIGTERM)
+
+
+def test_central_dp_on_the_simulation_engine_reports_epsilon_every_round(tiny, tmp_path):
     # C small enough that the noise (sigma C / m) leaves a model the clients can train on
     dp = {
         "screen": "'none'",
@@ -267,12 +277,7 @@ def test_central_dp_on_the_simulation_engine_reports_epsilon_every_round(tiny, t
         "fraction-fit": 0.5,
         "threads": 1,
     }
-    try:
-        code = flwr_run(env, "--run-config", run_config(tiny, tmp_path, rounds=2, **{"min-clients": 2}, **dp),
-                        "--federation-config", "num-supernodes=4", log=tmp_path / "flwr.log")  # fmt: skip
-    finally:
-        for pid in processes_with("flower-superlink", str(tmp_path / "flwr-home")):
-            os.kill(pid, signal.SIGTERM)
+    code = simulate(tiny, tmp_path, 4, dp)
     log = (tmp_path / "flwr.log").read_text()
     assert code == 0, log[-4000:]
     table = rows(tmp_path / "run")
@@ -287,14 +292,8 @@ def test_central_dp_on_the_simulation_engine_reports_epsilon_every_round(tiny, t
 
 
 def test_the_apps_clients_clip_their_own_updates_with_a_small_clipping_norm(tiny, tmp_path):
-    env = app_env(tmp_path / "flwr-home")
     dp = {"screen": "'none'", "dp": "'client-clipping'", "dp-noise": 0.0, "dp-clip-norm": 0.05, "threads": 1}
-    try:
-        code = flwr_run(env, "--run-config", run_config(tiny, tmp_path, rounds=2, **{"min-clients": 2}, **dp),
-                        "--federation-config", "num-supernodes=2", log=tmp_path / "flwr.log")  # fmt: skip
-    finally:
-        for pid in processes_with("flower-superlink", str(tmp_path / "flwr-home")):
-            os.kill(pid, signal.SIGTERM)
+    code = simulate(tiny, tmp_path, 2, dp)
     assert code == 0, (tmp_path / "flwr.log").read_text()[-4000:]
     moved = [np.linalg.norm(weights(tmp_path / "run", 2) - weights(tmp_path / "run", 1))]
     assert all(0.01 < m <= 0.05 * (1 + 1e-6) for m in moved), moved  # a mean of updates each clipped to 0.05
