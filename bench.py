@@ -10,6 +10,7 @@
     python3 bench.py robustness --data-root /tmp/data/cifar10-jpeg   # the attack suite against each strategy
     python3 bench.py privacy --data-root /tmp/data/cifar10-jpeg      # accuracy against epsilon, both kinds of DP
     python3 bench.py deployment --data-root /tmp/data/cifar10-jpeg   # a round in the three faces, and its parts
+    python3 bench.py dpsgd --data-root /tmp/data/cifar10-jpeg        # DP-SGD's epoch by Opacus mode; its tuning
 
 Timings are medians of several runs; where two setups are compared they alternate, so a
 drift in the machine's speed hits both alike. The benchmarks themselves live in benchmarks/.
@@ -20,8 +21,9 @@ from pathlib import Path
 import torch
 
 import flags
-from benchmarks import deployment, niid, privacy, robustness, scale, speed
+from benchmarks import deployment, dpsgd, niid, privacy, robustness, scale, speed
 from benchmarks.common import HERE, write_section
+from federation.dpsgd import GRAD_SAMPLE_MODES
 from pipeline import partitions, sources
 
 
@@ -85,8 +87,12 @@ def main() -> None:
     p.add_argument("--fraction", type=flags.fraction, default=0.1, help="central DP: fraction sampled per round")
     p.add_argument("--min-sampled", type=flags.positive_int, default=2, help="central DP: clients sampled at least")
     p.add_argument("--clip-norm", type=flags.positive_float, default=0.1, help="central DP: each update's bound C")
-    p.add_argument("--batch-size", type=flags.positive_int, default=256, help="DP-SGD: expected batch size")
+    p.add_argument(
+        "--batch-size", type=flags.positive_int, default=None, help="DP-SGD: expected batch (default: its own)"
+    )
+    p.add_argument("--dp-sgd-lr", type=flags.positive_float, default=None, help="DP-SGD: lr (default: its own)")
     p.add_argument("--dp-sgd-clip", type=flags.positive_float, default=1.0, help="DP-SGD: per-example bound")
+    p.add_argument("--model", default="cifar:Net", help="DP-SGD: the model, as client.py's --model")
     p = sub.add_parser("niid", help="NIID-Bench's FedAvg rows (IID and Dirichlet 0.5)")
     p.add_argument("--rounds", type=flags.positive_int, default=50, help="rounds (the paper: 50)")
     p.add_argument("--partitioners", nargs="+", choices=partitions.PARTITIONERS, default=list(partitions.PARTITIONERS))
@@ -95,6 +101,19 @@ def main() -> None:
     p.add_argument("--rounds", type=flags.positive_int, default=4, help="rounds per run")
     p.add_argument("--epochs", type=flags.positive_int, default=1, help="local epochs")
     p.add_argument("--repeats", type=flags.positive_int, default=1, help="runs of each face")
+    p = sub.add_parser("dpsgd", help="DP-SGD on one client: an epoch by Opacus mode; accuracy by setting")
+    p.add_argument("--parts", nargs="+", choices=("speed", "tuning"), default=["speed", "tuning"], help="what to run")
+    p.add_argument("--modes", nargs="+", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES), help="speed")
+    p.add_argument("--repeats", type=flags.positive_int, default=3, help="speed: epochs of each setup (medians)")
+    p.add_argument("--threads", type=flags.positive_int, default=1, help="torch threads (a client's share of 2)")
+    p.add_argument("--models", nargs="+", default=["cifar:Net", "cifar:DpNet"], help="tuning: the models")
+    p.add_argument("--lrs", type=flags.positive_float, nargs="+", default=[0.25, 0.5, 1.0], help="tuning: lr")
+    p.add_argument("--batch-sizes", type=flags.positive_int, nargs="+", default=[512], help="tuning: batches")
+    p.add_argument("--epochs", type=flags.positive_int, default=15, help="tuning: epochs, the budget's horizon")
+    p.add_argument("--epsilon", type=flags.positive_float, default=8.0, help="tuning: epsilon after --epochs")
+    p.add_argument("--delta", type=flags.fraction, default=1e-5, help="tuning: delta")
+    p.add_argument("--clip", type=flags.positive_float, default=1.0, help="tuning: --dp-sgd-clip")
+    p.add_argument("--seed", type=flags.non_negative_int, default=0, help="seed")
     for p in sub.choices.values():
         p.add_argument("--data-root", required=True, help="real CIFAR-10 (torchvision directory or image folder)")
         p.add_argument("--cache-dir", default=sources.CACHE_DIR, help="decoded-image cache")
@@ -115,13 +134,18 @@ def main() -> None:
         "robustness": robustness.bench_robustness,
         "privacy": privacy.bench_privacy,
         "deployment": deployment.bench_deployment,
+        "dpsgd": dpsgd.bench_dpsgd,
     }
     # NIID rows take long: each partitioner's row is its own section, written when it is done
     name = "-".join([args.command, *args.partitioners]) if args.command in ("niid", "robustness") else args.command
     if args.command == "robustness":
         name += f"-h{args.honest}-{args.per_class}"
+    if args.command == "dpsgd":
+        name = "-".join([args.command, *args.parts]) + (
+            "-lr-" + "-".join(map(str, args.lrs)) if "tuning" in args.parts else ""
+        )
     if args.command == "privacy":
-        name = "-".join([args.command, *args.faces])
+        name = "-".join([args.command, *args.faces]) + ("" if args.model == "cifar:Net" else "-" + args.model)
     if args.command == "pipeline" and args.devices != ["cpu"]:  # a GPU machine's rows beside the CPU's
         name = "-".join([args.command, *args.devices])
     if args.command == "federated" and torch.cuda.is_available():

@@ -16,7 +16,7 @@ import flags
 from pipeline import batches, graphs, models, options
 from pipeline.sources import CACHE_DIR, DATA_ROOT, DataError, load_arrays
 
-__all__ = ["DATA_ROOT", "Net", "load_data", "main", "test", "train"]
+__all__ = ["DATA_ROOT", "DpNet", "Net", "load_data", "main", "test", "train"]
 
 
 class Net(nn.Module):
@@ -38,6 +38,28 @@ class Net(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+
+class DpNet(nn.Module):
+    """Net made ready for DP-SGD (--model cifar:DpNet): tanh and GroupNorm, wider convolutions, a narrower head.
+
+    Clipped, noised gradients favour bounded activations (tanh: Papernot et al. 2021) and few parameters in
+    the dense layers, where the noise is spread over the most weights; GroupNorm normalises without the
+    batch statistics that DP-SGD (Opacus) refuses. 66,058 parameters for 10 classes, the size of Net's 62,006.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 16, 5), nn.GroupNorm(4, 16)
+        self.conv2, self.norm2 = nn.Conv2d(16, 32, 5), nn.GroupNorm(4, 32)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(32 * 5 * 5, 64)
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(torch.tanh(self.norm1(self.conv1(x))))
+        x = self.pool(torch.tanh(self.norm2(self.conv2(x))))
+        return self.fc2(torch.tanh(self.fc1(torch.flatten(x, 1))))
 
 
 def load_data(

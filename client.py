@@ -18,7 +18,7 @@ import numpy as np
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_clip_model_update
 
 import flags
-from federation import config
+from federation import config, privacy
 from federation.dpsgd import SpendMissing
 from federation.participant import ModelMismatch, Participant
 from pipeline import models, options
@@ -137,13 +137,17 @@ def connect() -> None:
         help="seconds to keep retrying while the server is not up",
     )
     args = parser.parse_args()
-    config.check_partition_args(parser, args, flags.given(parser))
+    given = flags.given(parser)
+    config.check_partition_args(parser, args, given)
+    taken = privacy.dp_sgd_training(args, given)
     options.check_device(parser, args.device)
 
     try:
         participant = Participant(args)
     except (DataError, models.ModelError) as e:
         flags.die(str(e), parser.prog)
+    if taken:
+        print(f"DP-SGD trains with its own {' '.join(taken)} (give the flag to change one)")
     for note in (participant.resize_note, participant.batch_note):
         if note:
             print(note)

@@ -30,7 +30,7 @@ def participant(context: Context, watch: Stopwatch | None = None) -> Participant
     """This node's client, from the run config and the node's partition."""
     parser = config.client_parser("The Flower App's client: pyproject.toml's run config, as client.py's flags.")
     node = {k: v for k, v in context.node_config.items() if k in ("partition-id", "num-partitions")}
-    args = config.args_from_config(parser, {**context.run_config, **node}, RENAMES)
+    args = config.client_args_from_config(parser, {**context.run_config, **node}, RENAMES)
     config.check_partition_args(parser, args)
     # A DP-SGD client's accountant lives in the node's context from one round to the next
     history = json.loads(context.state["dp-sgd"]["history"]) if "dp-sgd" in context.state else None

@@ -108,6 +108,7 @@ def client_command(args, address: str, i: int) -> list[str]:
         "--cuda-graph" if args.cuda_graph else "--no-cuda-graph",
         "--dp-sgd" if args.dp_sgd else "--no-dp-sgd",
         *("--dp-sgd-noise", args.dp_sgd_noise, "--dp-sgd-clip", args.dp_sgd_clip, "--dp-delta", args.dp_delta),
+        *("--dp-sgd-mode", args.dp_sgd_mode),
         "--dp-seed",
         args.dp_seed,
     ]
@@ -268,6 +269,7 @@ def restore(parser: flags.Parser, args: argparse.Namespace, given: set[str]) -> 
 
 def resolve(parser: flags.Parser, args: argparse.Namespace, given: set[str]) -> None:
     """Fill in what the flags leave open and refuse what cannot run."""
+    privacy.dp_sgd_training(args, given)  # the clients get them as given flags; a resumed run's own come next
     if args.resume is not None:
         restore(parser, args, given)
     options.check_device(parser, args.device)

@@ -187,7 +187,7 @@ def open_app_run(run_config: dict) -> Rounds:
     parser = config.server_parser("The Flower App's server: pyproject.toml's run config, as server.py's flags.")
     args = config.args_from_config(parser, run_config, RENAMES)
     client_parser = config.client_parser("The Flower App's clients")
-    client_args = config.args_from_config(client_parser, run_config, client_app.RENAMES)
+    client_args = config.client_args_from_config(client_parser, run_config, client_app.RENAMES)
     clients = {k: getattr(client_args, k) for k in CLIENT_KEYS}
     # A run-dir that already holds rounds is continued (with the same settings), as server.py --resume does
     args.run_dir = str(Path(args.run_dir or f"{APP_RUNS}/{datetime.now():%Y%m%d-%H%M%S}").expanduser().resolve())

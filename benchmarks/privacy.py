@@ -49,9 +49,25 @@ def dp_sgd_noise(args, target: float) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     n = 50_000 // 2 - round(50_000 // 2 * 0.1)  # each client's half, less the 10% it holds out (--holdout)
-    rate = args.batch_size / n
+    rate = dp_sgd_batch(args) / n
     steps = args.rounds * args.epochs * math.ceil(1 / rate)
     return get_noise_multiplier(target_epsilon=target, target_delta=args.delta, sample_rate=rate, steps=steps)
+
+
+def dp_sgd_batch(args) -> int:
+    """DP-SGD's expected batch: --batch-size, or DP-SGD's own default."""
+    return args.batch_size or privacy.DP_SGD_TRAINING["batch_size"]
+
+
+def dp_sgd_flags(args, noise: float) -> tuple:
+    """client.py's flags for DP-SGD at `noise`, or for the plain client (noise 0): each at its own defaults
+    unless the benchmark sets --batch-size or --dp-sgd-lr, the same epochs either way."""
+    if not noise:
+        return ("--epochs", args.epochs)
+    given = (("--batch-size", args.batch_size) if args.batch_size else ()) + (
+        ("--lr", args.dp_sgd_lr) if args.dp_sgd_lr else ()
+    )
+    return ("--dp-sgd", "--dp-sgd-noise", noise, "--dp-sgd-clip", args.dp_sgd_clip, "--epochs", args.epochs, *given)
 
 
 def simulate(args, cache: str, dp: dict, work: Path) -> dict:
@@ -78,15 +94,14 @@ def simulate(args, cache: str, dp: dict, work: Path) -> dict:
 def three_terminals(args, cache: str, client_flags: tuple, work: Path) -> dict:
     """server.py and two client.py (each half the training set) to the end; accuracy, epsilon, seconds per epoch."""
     address, run_dir = free_address(), Path(tempfile.mkdtemp(dir=work)) / "run"
-    common = ("--server-address", address, "--data-root", args.data_root, "--cache-dir", cache)
+    common = ("--server-address", address, "--data-root", args.data_root, "--cache-dir", cache, "--model", args.model)
     server = script("server.py", *common, "--rounds", args.rounds, "--run-dir", run_dir)
     procs = [subprocess.Popen(server, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
     logs = [run_dir.parent / f"client{i}.log" for i in range(2)]
     try:
         for i, log in enumerate(logs):
             cmd = script("client.py", *common, "--num-partitions", 2, "--partition-id", i, "--seed", args.seed,
-                         "--threads", 1, "--lr", args.lr, "--epochs", args.epochs, "--batch-size", args.batch_size,
-                         *client_flags)  # fmt: skip
+                         "--threads", 1, *client_flags)  # fmt: skip
             procs.append(subprocess.Popen(cmd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT))
         codes = [p.wait(timeout=7200) for p in procs]
     finally:
@@ -120,8 +135,7 @@ def bench_privacy(args, cache: str) -> str:
         if "dp-sgd" in args.faces:
             for target in [*args.epsilons, math.inf]:
                 noise = 0.0 if math.isinf(target) else dp_sgd_noise(args, target)
-                flags = ("--dp-sgd", "--dp-sgd-noise", noise, "--dp-sgd-clip", args.dp_sgd_clip) if noise else ()
-                r = {"target": target, "noise": noise, **three_terminals(args, cache, flags, work)}
+                r = {"target": target, "noise": noise, **three_terminals(args, cache, dp_sgd_flags(args, noise), work)}
                 print(f"DP-SGD {r}", flush=True)
                 local.append(r)
     return report(args, central, local, load_start)
@@ -131,7 +145,9 @@ def report(args, central: list[dict], local: list[dict], load_start: float) -> s
     command = (f"python3 bench.py privacy --data-root {args.data_root} --faces {' '.join(args.faces)} "
                f"--epsilons {' '.join(map(str, args.epsilons))} --rounds {args.rounds} --epochs {args.epochs} "
                f"--lr {args.lr} --clients {args.clients} --fraction {args.fraction} --clip-norm {args.clip_norm} "
-               f"--batch-size {args.batch_size} --dp-sgd-clip {args.dp_sgd_clip}")  # fmt: skip
+               f"--dp-sgd-clip {args.dp_sgd_clip} --model {args.model}"
+               + (f" --batch-size {args.batch_size}" if args.batch_size else "")
+               + (f" --dp-sgd-lr {args.dp_sgd_lr}" if args.dp_sgd_lr else ""))  # fmt: skip
     sampled = max(args.min_sampled, int(args.clients * args.fraction))
     lines = ["## Privacy: accuracy against epsilon", "", (f"`{command}`, delta {args.delta:g}, seed {args.seed}. "
              "Each noise multiplier is the smallest that keeps the run's final epsilon at or under the target "
@@ -148,12 +164,15 @@ def report(args, central: list[dict], local: list[dict], load_start: float) -> s
         lines += [f"| {r['target']:g} | {r['noise']:.3f} | {r['epsilon']} | {r['accuracy']:.4f} |" for r in central]
     if local:
         base = next((r["epoch_s"] for r in local if not r["noise"]), None)
+        lr = args.dp_sgd_lr or privacy.DP_SGD_TRAINING["lr"]
         lines += ["", "### Sample-level DP-SGD (Opacus): server.py and two client.py, each half the training set", "",
-                  (f"`client.py --dp-sgd --dp-sgd-clip {args.dp_sgd_clip}`, Poisson batches of {args.batch_size} "
-                  f"expected, {args.rounds} rounds of {args.epochs} local epoch(s) at lr {args.lr} (momentum 0.9), "
-                  "FedAvg behind the consensus screen. Epsilon: each client's own, from Opacus's RDP accountant "
-                  "over all its steps. Seconds per epoch: each client's fit time, median over clients and rounds, "
-                  "both clients training at once on this machine."), "",
+                  (f"`client.py --model {args.model} --dp-sgd --dp-sgd-clip {args.dp_sgd_clip} --epochs {args.epochs}`"
+                  f", Poisson batches of {dp_sgd_batch(args)} expected at lr {lr} (momentum 0.9), {args.rounds} "
+                  f"rounds of {args.epochs} local epochs ({args.rounds * args.epochs} in all), FedAvg behind the "
+                  "consensus screen. The non-private row (inf) is `client.py` without `--dp-sgd`: the tutorial's "
+                  "batches of 32 at lr 0.001, the same epochs. Epsilon: each client's own, from Opacus's RDP "
+                  "accountant over all its steps. Seconds per epoch: each client's fit time, median over clients "
+                  "and rounds, both clients training at once on this machine, one thread each."), "",
                   "| target epsilon | noise multiplier | epsilon spent | accuracy | s per epoch | x the non-private |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for r in local:

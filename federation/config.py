@@ -182,6 +182,14 @@ def args_from_config(parser: flags.Parser, config: dict, renames: dict[str, str 
     return parser.parse_args(argv)
 
 
+def client_args_from_config(parser: flags.Parser, config: dict, renames: dict[str, str | None]) -> argparse.Namespace:
+    """A client's flags from a Flower run config; under dp-sgd, a training key left at the tutorial's value takes
+    DP-SGD's (a run config holds every key, so "left at its default" is the only "not given" it can tell)."""
+    args = args_from_config(parser, config, renames)
+    privacy.dp_sgd_training(args, {k for k in privacy.DP_SGD_TRAINING if getattr(args, k) != parser.get_default(k)})
+    return args
+
+
 # ---------------------------------------------------------------- a client's side
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import flags
+from federation.dpsgd import GRAD_SAMPLE_MODES
 
 DP_MODES = ("none", "server-clipping", "client-clipping")
 DP_STRATEGIES = ("fedavg", "fedprox")  # a noised mean: what the Gaussian mechanism's epsilon describes
@@ -82,6 +83,20 @@ def add_delta_arg(parser: flags.Parser) -> None:
 
 
 DP_SGD_LEDGER = "~/.cache/flower-cifar/dp-sgd"
+# What --dp-sgd trains with unless these flags are given. The tutorial's batches of 32 at lr 0.001 learn nothing
+# once every example's gradient is clipped and noised: DP-SGD wants large batches (the noise on their mean
+# shrinks with B) and a large step (BENCHMARKS.md, "DP-SGD: tuning")
+DP_SGD_TRAINING = {"batch_size": 512, "lr": 0.5, "epochs": 5}
+
+
+def dp_sgd_training(args: argparse.Namespace, given: set[str]) -> list[str]:
+    """Under --dp-sgd, the training flags not given take DP-SGD's values; the flags so set, as '--lr 0.5'."""
+    if not getattr(args, "dp_sgd", False):
+        return []
+    taken = [k for k in DP_SGD_TRAINING if k not in given and hasattr(args, k)]
+    for k in taken:
+        setattr(args, k, DP_SGD_TRAINING[k])
+    return [f"--{k.replace('_', '-')} {DP_SGD_TRAINING[k]:g}" for k in taken]
 
 
 def add_dp_sgd_args(parser: flags.Parser, delta: bool = True) -> None:
@@ -91,11 +106,20 @@ def add_dp_sgd_args(parser: flags.Parser, delta: bool = True) -> None:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="train with DP-SGD (Opacus): per-example gradients clipped to --dp-sgd-clip, Gaussian noise, "
-        "Poisson-sampled batches; the client's epsilon is reported every round",
+        "Poisson-sampled batches; the client's epsilon is reported every round. Unless given, --batch-size, --lr "
+        "and --epochs take DP-SGD's own values: "
+        + ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in DP_SGD_TRAINING.items()),
     )
     parser.add_argument("--dp-sgd-noise", type=flags.positive_float, default=1.0, help="DP-SGD: the noise multiplier")
     parser.add_argument(
         "--dp-sgd-clip", type=flags.positive_float, default=1.0, help="DP-SGD: each example's gradient L2 bound"
+    )
+    parser.add_argument(
+        "--dp-sgd-mode",
+        choices=GRAD_SAMPLE_MODES,
+        default="ghost",
+        help="DP-SGD: how Opacus gets each example's gradient norm (ghost: ghost clipping; the same maths, "
+        "another speed: BENCHMARKS.md)",
     )
     parser.add_argument(
         "--dp-sgd-ledger",
