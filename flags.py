@@ -7,6 +7,7 @@ import argparse
 import atexit
 import gc
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -58,6 +59,38 @@ def quick_exit() -> None:
     """Skip the interpreter's last garbage collection at exit: with torch loaded it takes 1-3 s and frees
     nothing the operating system would not. Files, logs and atexit handlers still close as usual."""
     atexit.register(gc.freeze)  # registered first, so it runs after every other atexit handler
+
+
+class NotedSignals:
+    """A library's SIGINT/SIGTERM handlers (Flower's), wrapped so that the signal is noted. Theirs raises SystemExit
+    wherever the main thread is; inside a weakref callback or a __del__ Python prints and ignores it, and the run
+    would go on after "terminated gracefully": `stop_if_received`, called at each step, raises it again."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def wrap(self) -> None:
+        """Wrap the handlers installed now; silence Python's report of the SystemExit it ignored."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            theirs = signal.getsignal(signum)
+            if callable(theirs):
+
+                def noted(received, frame, theirs=theirs) -> None:
+                    self.received = received
+                    theirs(received, frame)
+
+                signal.signal(signum, noted)
+        sys.unraisablehook = _quiet_lost_exit
+
+    def stop_if_received(self) -> None:
+        """SystemExit(0), as the wrapped handler raised it, once a signal has arrived."""
+        if self.received:
+            sys.exit(0)
+
+
+def _quiet_lost_exit(unraisable) -> None:
+    if not isinstance(unraisable.exc_value, SystemExit):  # SystemExit: noted, and raised again
+        sys.__unraisablehook__(unraisable)
 
 
 def die(message: str, prog: str | None = None) -> NoReturn:

@@ -67,12 +67,6 @@ class NoClients(Exception):
 GONE_GRACE = 5.0  # seconds to wait once every client that joined has left (a restarted client may be back)
 
 
-def quiet_lost_exit(unraisable) -> None:
-    """Python's report of an exception it had to ignore, less Flower's SystemExit (noted, and raised again)."""
-    if not isinstance(unraisable.exc_value, SystemExit):
-        sys.__unraisablehook__(unraisable)
-
-
 class Screened(legacy.Strategy):
     """Flower's strategy, fed only screened replies; `Rounds` keeps the records.
 
@@ -82,33 +76,14 @@ class Screened(legacy.Strategy):
     def __init__(self, inner: legacy.Strategy, rounds: Rounds) -> None:
         self.inner, self.rounds, self.offset = inner, rounds, rounds.done
         self.exhausted: str | None = None  # why the run stopped early: its privacy budget
-        self.signalled = 0  # SIGINT or SIGTERM arrived: Flower's handler has stopped the run
+        self.signals = flags.NotedSignals()  # Flower's SIGINT/SIGTERM handler, its exit kept
 
     def initialize_parameters(self, client_manager):
-        self.note_signals()  # Flower has installed its handlers by now
+        self.signals.wrap()  # Flower has installed its handlers by now
         return ndarrays_to_parameters(self.rounds.weights)
 
-    def note_signals(self) -> None:
-        """Wrap Flower's SIGINT/SIGTERM handlers so that the signal is noted. Theirs raises SystemExit wherever the
-        main thread is; inside a weakref callback or a __del__ Python prints and ignores it, and the rounds would
-        go on after "terminated gracefully": `stop_if_signalled` raises it again at the next step."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            flower = signal.getsignal(signum)
-            if callable(flower):
-
-                def noted(received, frame, flower=flower) -> None:
-                    self.signalled = received
-                    flower(received, frame)
-
-                signal.signal(signum, noted)
-        sys.unraisablehook = quiet_lost_exit
-
-    def stop_if_signalled(self) -> None:
-        if self.signalled:
-            sys.exit(0)  # as Flower's handler would have: main() reads it as stopped by a signal
-
     def configure_fit(self, server_round, parameters, client_manager):
-        self.stop_if_signalled()
+        self.signals.stop_if_received()
         if self.exhausted:
             return []  # Flower runs the rounds left as empty ones, then tells its clients to disconnect
         instructions = self.inner.configure_fit(server_round + self.offset, parameters, client_manager)
@@ -153,14 +128,14 @@ class Screened(legacy.Strategy):
         return ndarrays_to_parameters(self.rounds.weights), metrics
 
     def evaluate(self, server_round, parameters):
-        self.stop_if_signalled()
+        self.signals.stop_if_received()
         if server_round == 0 or self.exhausted:
             return None  # the starting model is no round's result; a stopped run has none
         result = self.rounds.central()
         return None if result is None else (result[0], {"accuracy": result[1]})
 
     def configure_evaluate(self, server_round, parameters, client_manager):
-        self.stop_if_signalled()
+        self.signals.stop_if_received()
         if self.exhausted:
             return []
         try:
