@@ -11,6 +11,7 @@
     python3 bench.py privacy --data-root /tmp/data/cifar10-jpeg      # accuracy against epsilon, both kinds of DP
     python3 bench.py deployment --data-root /tmp/data/cifar10-jpeg   # a round in the three faces, and its parts
     python3 bench.py dpsgd --data-root /tmp/data/cifar10-jpeg        # DP-SGD's epoch by Opacus mode; its tuning
+    python3 bench.py secagg --data-root /tmp/data/cifar10-jpeg       # SecAgg+'s round against plain aggregation
 
 Timings are medians of several runs; where two setups are compared they alternate, so a
 drift in the machine's speed hits both alike. The benchmarks themselves live in benchmarks/.
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 import flags
-from benchmarks import deployment, dpsgd, niid, privacy, robustness, scale, speed
+from benchmarks import deployment, dpsgd, niid, privacy, robustness, scale, secagg, speed
 from benchmarks.common import HERE, write_section
 from federation.dpsgd import GRAD_SAMPLE_MODES
 from pipeline import partitions, sources
@@ -114,6 +115,12 @@ def main() -> None:
     p.add_argument("--delta", type=flags.fraction, default=1e-5, help="tuning: delta")
     p.add_argument("--clip", type=flags.positive_float, default=1.0, help="tuning: --dp-sgd-clip")
     p.add_argument("--seed", type=flags.non_negative_int, default=0, help="seed")
+    p = sub.add_parser("secagg", help="SecAgg+ against plain aggregation: a round's time, every client sampled")
+    p.add_argument("--clients", type=flags.positive_int, nargs="+", default=[10, 100], help="federation sizes")
+    p.add_argument("--rounds", type=flags.positive_int, default=4, help="rounds per run")
+    p.add_argument("--repeats", type=flags.positive_int, default=1, help="runs of each mode")
+    p.add_argument("--shares", type=flags.positive_float, default=1.0, help="secagg-shares: a fraction, or a count")
+    p.set_defaults(fraction=1.0)
     for p in sub.choices.values():
         p.add_argument("--data-root", required=True, help="real CIFAR-10 (torchvision directory or image folder)")
         p.add_argument("--cache-dir", default=sources.CACHE_DIR, help="decoded-image cache")
@@ -135,6 +142,7 @@ def main() -> None:
         "privacy": privacy.bench_privacy,
         "deployment": deployment.bench_deployment,
         "dpsgd": dpsgd.bench_dpsgd,
+        "secagg": secagg.bench_secagg,
     }
     # NIID rows take long: each partitioner's row is its own section, written when it is done
     name = "-".join([args.command, *args.partitioners]) if args.command in ("niid", "robustness") else args.command
@@ -146,6 +154,10 @@ def main() -> None:
         )
     if args.command == "privacy":
         name = "-".join([args.command, *args.faces]) + ("" if args.model == "cifar:Net" else "-" + args.model)
+        if "central" in args.faces and (args.clients, args.fraction) != (100, 0.1):  # user-level DP at scale
+            name += f"-{args.clients}-clients-{args.fraction:g}"
+    if args.command == "secagg":
+        name += "-" + "-".join(map(str, args.clients)) + f"-shares-{args.shares:g}"
     if args.command == "pipeline" and args.devices != ["cpu"]:  # a GPU machine's rows beside the CPU's
         name = "-".join([args.command, *args.devices])
     if args.command == "federated" and torch.cuda.is_available():

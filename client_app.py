@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from federation import config
+from federation import config, secure
 from federation.participant import Participant
 from federation.stopwatch import Stopwatch
 from pipeline import sources
@@ -44,17 +44,20 @@ def participant(context: Context, watch: Stopwatch | None = None) -> Participant
 
 
 def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
-    """Flower's fixedclipping_mod when the server's central DP asks the clients to clip, else nothing."""
-    clips = any(KEY_CLIPPING_NORM in c for c in msg.content.config_records.values())
+    """Flower's fixedclipping_mod when the server's central DP asks the clients to clip, else nothing (under
+    SecAgg+ the train handler clips, in secure.fit_reply)."""
+    clips = any(KEY_CLIPPING_NORM in c for c in msg.content.config_records.values()) and not secure.is_legacy(msg)
     return fixedclipping_mod(msg, context, call_next) if clips else call_next(msg, context)
 
 
-def weights_of(msg: Message) -> list:
-    """The global model in the message, as arrays in its state_dict's order."""
-    return msg.content["arrays"].to_numpy_ndarrays()
+def received(msg: Message) -> tuple[list, dict]:
+    """The global model in the message (arrays in its state_dict's order) and the server's settings."""
+    if secure.is_legacy(msg):
+        return secure.received(msg)
+    return msg.content["arrays"].to_numpy_ndarrays(), dict(msg.content.config_records.get("config", {}))
 
 
-@app.train(mods=[client_side_clipping])
+@app.train(mods=[secure.secure_aggregation, client_side_clipping])
 def train(msg: Message, context: Context) -> Message:
     """Train the received model on this node's data; reply with the new model and num-examples."""
     watch = Stopwatch("train")
@@ -62,13 +65,15 @@ def train(msg: Message, context: Context) -> Message:
     if me.batch_note:
         print(me.batch_note, flush=True)
     # FedProx sends its proximal term's weight; every other strategy trains plainly
-    settings = msg.content["config"]
+    weights, settings = received(msg)
     mu = float(settings.get("proximal-mu", 0.0))
     spent = json.loads(str(settings.get("dp-sgd-spent", "{}")))
-    weights, num_examples, metrics = me.fit(weights_of(msg), mu, str(settings.get("run", "")), spent, "dp" in settings)
+    weights, num_examples, metrics = me.fit(weights, mu, str(settings.get("run", "")), spent, "dp" in settings)
     watch.mark("worked")
     if me.dpsgd is not None:
         context.state["dp-sgd"] = ConfigRecord({"history": json.dumps(me.dpsgd.history())})
+    if secure.is_legacy(msg):  # a SecAgg+ round: Flower's FitRes, for secaggplus_mod to mask
+        return secure.fit_reply(msg, context, weights, num_examples, metrics, settings)
     content = RecordDict(
         {
             "arrays": ArrayRecord(me.layout.state_dict(weights)),
@@ -84,9 +89,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Test the received model on this node's evaluation data."""
     watch = Stopwatch("evaluate")
     me = participant(context, watch)
-    central_dp = any("dp" in c for c in msg.content.config_records.values())
-    loss, num_examples, metrics = me.evaluate(weights_of(msg), central_dp)
+    weights, settings = received(msg)
+    loss, num_examples, metrics = me.evaluate(weights, "dp" in settings)
     watch.mark("worked")
+    if secure.is_legacy(msg):
+        return secure.evaluate_reply(msg, loss, num_examples, metrics)
     content = RecordDict({"metrics": MetricRecord({"loss": loss, **metrics, "num-examples": num_examples})})
     watch.mark("replied")
     return Message(content=content, reply_to=msg)

@@ -17,7 +17,7 @@ from flwr.serverapp import strategy as flower
 
 import client_app
 import flags
-from federation import config, privacy, screening
+from federation import config, privacy, screening, secure
 from federation.model import Layout
 from federation.privacy import BudgetExhausted
 from federation.rounds import Rounds, open_run
@@ -185,7 +185,10 @@ def equal_weights(replies: list[Message], count: int, unchanged: dict) -> list[M
 def open_app_run(run_config: dict) -> Rounds:
     """The run the run config describes, new or continued; flags.ConfigError says why it cannot run."""
     parser = config.server_parser("The Flower App's server: pyproject.toml's run config, as server.py's flags.")
+    secure.add_args(parser)
     args = config.args_from_config(parser, run_config, RENAMES)
+    if secure.problem(args):
+        parser.error(secure.problem(args))
     client_parser = config.client_parser("The Flower App's clients")
     client_args = config.client_args_from_config(client_parser, run_config, client_app.RENAMES)
     clients = {k: getattr(client_args, k) for k in CLIENT_KEYS}
@@ -215,15 +218,21 @@ def main(grid: Grid, context: Context) -> None:
     if rounds.done:
         log(INFO, "Resuming %s after round %s: %s round(s) left", args.run_dir, rounds.done, rounds.rounds_left)
     privacy.seed_noise(args, rounds.privacy.rounds if rounds.privacy else 0)
-    strategy = Screened(flower_strategy(args), rounds)
-    try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(rounds.layout.state_dict(rounds.weights)),
-            num_rounds=rounds.rounds_left,
-            evaluate_fn=strategy.end_round,
-        )
-    except BudgetExhausted as e:  # done, not failed
-        log(INFO, "Stopped after round %s of %s: %s", rounds.done, args.rounds, e)
+    if args.secagg:  # Flower's SecAgg+ workflow, on its legacy strategies: the server sees only each round's sum
+        stopped = secure.run(grid, context, rounds)
+    else:
+        strategy = Screened(flower_strategy(args), rounds)
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(rounds.layout.state_dict(rounds.weights)),
+                num_rounds=rounds.rounds_left,
+                evaluate_fn=strategy.end_round,
+            )
+            stopped = None
+        except BudgetExhausted as e:  # done, not failed
+            stopped = str(e)
+    if stopped:
+        log(INFO, "Stopped after round %s of %s: %s", rounds.done, args.rounds, stopped)
     rounds.record.close()
     log(INFO, "Run directory: %s (config.json, metrics.csv, plot.png, checkpoints/)", rounds.record.dir)

@@ -99,11 +99,12 @@ def bench_load(args, cache: str) -> str:
 # ---------------------------------------------------------------- scale: the Simulation Engine
 
 
-def simulate(args, cache: str, n: int, tmp: Path) -> dict:
-    home, run_dir = tmp / f"home-{n}", tmp / f"run-{n}"
+def simulate(args, cache: str, n: int, tmp: Path, extra: str = "", label: str = "", min_clients: int = 2) -> dict:
+    """`flwr run .` with n SuperNodes, `extra` added to the run config; the run's figures."""
+    home, run_dir = tmp / f"home-{n}{label}", tmp / f"run-{n}{label}"
     config = (
-        f"num-server-rounds={args.rounds} fraction-fit={args.fraction} min-clients=2 threads=1 "
-        f"data-root='{args.data_root}' cache-dir='{cache}' run-dir='{run_dir}'"
+        f"num-server-rounds={args.rounds} fraction-fit={args.fraction} min-clients={min_clients} threads=1 "
+        f"data-root='{args.data_root}' cache-dir='{cache}' run-dir='{run_dir}' {extra}"
     )
     cmd = [str(FLWR_BIN / "flwr"), "run", str(HERE), "--run-config", config, "--stream",
            "--federation-config", f"num-supernodes={n} client-resources-num-cpus=1"]  # fmt: skip
@@ -111,7 +112,7 @@ def simulate(args, cache: str, n: int, tmp: Path) -> dict:
     try:
         with MemorySampler() as mem:
             subprocess.run(cmd, env=flwr_env(home), cwd=HERE, check=True, timeout=3600,
-                           stdout=(tmp / f"flwr-{n}.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+                           stdout=(tmp / f"flwr-{n}{label}.log").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
     finally:
         stop_local_superlink(home)
     rows = read_rows(run_dir)

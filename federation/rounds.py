@@ -73,6 +73,11 @@ class Rounds:
                 f"--dp {args.dp} needs a model whose arrays are all trained weights; {args.model} has others "
                 "(BatchNorm's running statistics and step counter), which would be released without noise"
             )
+        if getattr(args, "secagg", False) and not all(self.layout.weights):
+            raise models.ModelError(
+                f"secagg=true needs a model whose arrays are all trained weights; {args.model} has others "
+                "(BatchNorm's running statistics and step counter), which SecAgg+'s range of +-8 would clip"
+            )
         self.template = models.get_weights(net)
         self.weights = record.load_checkpoint(self.done, self.layout) if self.done else self.template
         self.evaluate_central = None
@@ -155,9 +160,10 @@ class Rounds:
         """Log an update refused before screening (a reply that holds no update at all)."""
         log.warning("Rejected update from client %s: %s", who, why)
 
-    def screen_updates(self, updates: list[Update]) -> list[tuple[int, list[np.ndarray] | None]]:
+    def screen_updates(self, updates: list[Update], summed: bool = False) -> list[tuple[int, list[np.ndarray] | None]]:
         """Which of the updates may be aggregated, each with its clipped arrays (None: as sent), in a canonical
-        order (arrival order must not change a seeded run's sums); logs each one refused or clipped."""
+        order (arrival order must not change a seeded run's sums); logs each one refused or clipped. `summed`:
+        under SecAgg+ every update is the same sum of them all, each with its own client's metrics."""
         sound = []
         for i, (who, arrays, num_examples, metrics) in enumerate(updates):
             form = screening.update_problem(arrays, self.template, num_examples) or screening.metrics_problem(metrics)
@@ -167,7 +173,8 @@ class Rounds:
             if isinstance(epsilon, int | float) and isinstance(part, int) and part >= 0:
                 self.dp_spent[str(part)] = max(float(epsilon), self.dp_spent.get(str(part), 0.0))
             self.client_rows.append({"round": self.row["round"], "client": who, "num_examples": num_examples,
-                                     "verdict": "diverged" if blown else "rejected" if problem else "accepted",
+                                     "verdict": "diverged" if blown else "rejected" if problem else
+                                                "summed" if summed else "accepted",
                                      **{k: metrics.get(k) for k in ("partition_id", "train_loss", "dp_epsilon")}})  # fmt: skip
             if problem:
                 self.reject(who, problem)
@@ -195,7 +202,7 @@ class Rounds:
         if conflict:
             log.warning("Clients disagree on partitioning: %s", conflict)
         prints = {i: screening.fingerprint(updates[i][1]) for i in accepted}
-        if len(set(prints.values())) < len(prints):
+        if len(set(prints.values())) < len(prints) and not summed:
             log.warning("Two clients sent identical updates: they train the same data with the same seed "
                         "(give each client its own --seed, or its own --partition-id)")  # fmt: skip
         return [(i, clipped.get(i)) for i in sorted(accepted, key=lambda i: (prints[i], i))]

@@ -50,12 +50,12 @@ def reference(name, good):
 def test_server_py_screens_every_reply_then_its_strategy_aggregates_exactly_the_good_ones(tmp_path, name):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-    import server
+    from federation import legacy
 
     rounds = rounds_for(tmp_path, "--strategy", name, "--min-clients", 5, "--num-malicious", 1, "--screen", "none")
     start = rounds.weights
     good = updates_around(start, 5)
-    strategy = server.Screened(server.flower_strategy(strategy_args(name), ndarrays_to_parameters(start)), rounds)
+    strategy = legacy.Screened(legacy.flower_strategy(strategy_args(name), ndarrays_to_parameters(start)), rounds)
     proxies = [type("Proxy", (), {"cid": f"c{i}"})() for i in range(7)]
     results = [(p, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), 100, METRICS))
                for p, u in zip(proxies, [*good, *bad_replies(start)])]  # fmt: skip
@@ -126,14 +126,14 @@ def test_fewer_than_three_updates_get_only_the_size_bound():
 def test_central_dp_averages_with_equal_weights_whatever_the_example_counts(tmp_path):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-    import server
+    from federation import legacy
 
     rounds = rounds_for(tmp_path, "--dp", "server-clipping", "--screen", "none", "--dp-noise", 0,
                         "--dp-clip-norm", 1e6)  # fmt: skip
     start = rounds.weights
     ups = updates_around(start, 2, seed=2)
     args = rounds.args
-    strategy = server.Screened(server.flower_strategy(args, ndarrays_to_parameters(start)), rounds)
+    strategy = legacy.Screened(legacy.flower_strategy(args, ndarrays_to_parameters(start)), rounds)
     strategy.inner.num_sampled_clients = 2
     strategy.inner.current_round_params = start  # what configure_fit sets
     rounds.sampled(2, 2)

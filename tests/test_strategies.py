@@ -214,8 +214,8 @@ def test_every_strategy_aggregates_as_its_numpy_reference_in_both_faces(case, mo
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-    import server
     import server_app
+    from federation.legacy import flower_strategy
 
     name, flags = case.split("-")[0], CASES[case]
     start = models.get_weights(cifar.make_net(0, "cpu"))
@@ -238,7 +238,7 @@ def test_every_strategy_aggregates_as_its_numpy_reference_in_both_faces(case, mo
     assert max(np.abs(a - b).max() for a, b in zip(want, start)) > 1e-3  # the reference moved the model
     metrics = {"train_loss": 1.0, "fit_seconds": 1.0, "partition_id": 0, "num_partitions": 7, "partition_scheme": 1}
 
-    legacy = server.flower_strategy(strategy_args(name, *flags), ndarrays_to_parameters(start))
+    legacy = flower_strategy(strategy_args(name, *flags), ndarrays_to_parameters(start))
     legacy.initialize_parameters(None)  # fedadam keeps the current weights from here
     results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), n, metrics))
                for u, n in zip(updates, counts)]  # fmt: skip
