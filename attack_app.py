@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     if settings is None:
         return client_app.train(msg, context)
     me = attacker(context, settings)
-    weights, num_examples, metrics = me.fit(client_app.weights_of(msg))
+    weights, num_examples, metrics = me.fit(client_app.received(msg)[0])
     content = RecordDict(
         {
             "arrays": ArrayRecord(me.layout.state_dict(weights)),
