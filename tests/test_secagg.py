@@ -22,10 +22,10 @@ from pipeline import models
 QUANTUM = 16 / 2**22  # SecAgg+'s step: clipping range [-8, 8] over 2**22 levels (Flower's defaults)
 
 
-def checkpoint(run_dir, r: int, spec: str = "cifar:Net") -> list[np.ndarray]:
+def checkpoint(run_dir, r: int) -> list[np.ndarray]:
     """The global model after round r (round 0: the server's seeded initial model, which it does not save)."""
     if r == 0:
-        return models.get_weights(model.build(spec, 10, 32, 0, torch.device("cpu"))[0])
+        return models.get_weights(model.build("cifar:Net", 10, 32, 0, torch.device("cpu"))[0])
     state = torch.load(run_dir / "checkpoints" / f"round-{r:03d}.pt", weights_only=True)
     return [v.numpy() for v in state.values()]
 
