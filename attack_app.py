@@ -3,7 +3,8 @@
 A node attacks when its node config says `attack="..."` (a SuperNode of the Deployment Engine), or when
 the run config has `attack` and `attackers = N` and the node holds one of the last N partitions (the
 Simulation Engine, in a copy of this App whose pyproject.toml names `attack_app:app` and these keys).
-The parameters are attacks.py's flags: attack-boost, attack-epsilon, attack-z, collude-dir.
+The parameters are attacks.py's flags, named attack-boost, attack-epsilon, attack-z, attack-target-class,
+attack-poison-fraction, attack-estimates, attack-deviation; and collude-dir, colluders.
 """
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -13,8 +14,9 @@ import attacks
 import client_app
 from federation import config
 
-RENAMES = {**client_app.RENAMES, "attack-boost": "boost", "attack-epsilon": "epsilon", "attack-z": "z"}
-ATTACK_KEYS = ("attack", "attack-boost", "attack-epsilon", "attack-z", "collude-dir", "colluders")
+PARAMETERS = ("boost", "epsilon", "z", "target-class", "poison-fraction", "estimates", "deviation")
+RENAMES = {**client_app.RENAMES, **{f"attack-{k}": k for k in PARAMETERS}}
+ATTACK_KEYS = ("attack", *(f"attack-{k}" for k in PARAMETERS), "collude-dir", "colluders")
 
 app = ClientApp()
 

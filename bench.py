@@ -60,9 +60,12 @@ def main() -> None:
     p.add_argument("--steps", type=flags.positive_int, default=300, help="steps per measurement")
     p = sub.add_parser("robustness", help="the attack suite against each strategy (attack x defence)")
     p.add_argument("--per-class", type=flags.positive_int, default=1000, help="training images per class")
-    p.add_argument("--honest", type=flags.positive_int, default=4, help="honest clients (plus 1 attacker, 2 for ALIE)")
-    p.add_argument("--rounds", type=flags.positive_int, default=5, help="rounds per run")
-    p.add_argument("--epochs", type=flags.positive_int, default=2, help="local epochs")
+    p.add_argument("--honest", type=flags.positive_int, default=4, help="honest clients")
+    p.add_argument("--attackers", type=flags.positive_int, default=1, help="attackers beside them (ALIE: 2 at least)")
+    p.add_argument("--alpha", type=flags.positive_float, default=0.5, help="dirichlet: the concentration")
+    p.add_argument("--tag", default="", help="a suffix for this run's section (rows measured apart from others)")
+    p.add_argument("--rounds", type=flags.positive_int, default=10, help="rounds per run")
+    p.add_argument("--epochs", type=flags.positive_int, default=1, help="local epochs")
     p.add_argument("--lr", type=flags.positive_float, default=0.02, help="the clients' learning rate")
     p.add_argument("--seed", type=flags.non_negative_int, default=0, help="the clients' seed")
     p.add_argument(
@@ -148,6 +151,12 @@ def main() -> None:
     name = "-".join([args.command, *args.partitioners]) if args.command in ("niid", "robustness") else args.command
     if args.command == "robustness":
         name += f"-h{args.honest}-{args.per_class}"
+        if args.attackers != 1:
+            name += f"-a{args.attackers}"
+        if "dirichlet" in args.partitioners and args.alpha != 0.5:
+            name += f"-alpha{args.alpha:g}"
+        if args.tag:
+            name += f"-{args.tag}"
     if args.command == "dpsgd":
         name = "-".join([args.command, *args.parts]) + (
             "-lr-" + "-".join(map(str, args.lrs)) if "tuning" in args.parts else ""

@@ -51,7 +51,7 @@ def add_server_args(parser: flags.Parser) -> None:
         "--num-malicious",
         type=flags.non_negative_int,
         default=0,
-        help="krum, bulyan: how many clients may be malicious (krum needs 2f+3 clients, bulyan 4f+3)",
+        help="krum, bulyan, --screen nnm: how many clients may be malicious (krum needs 2f+3 clients, bulyan 4f+3)",
     )
     parser.add_argument(
         "--server-lr", type=flags.positive_float, default=0.01, help="fedadam: the server's learning rate (eta)"
@@ -62,7 +62,9 @@ def add_server_args(parser: flags.Parser) -> None:
         default="consensus",
         help="the poisoning defence before any strategy: consensus: with 3+ updates, reject one pointing away from "
         "their geometric median (cosine under --min-cosine) and clip the others to --clip-factor x the median distance from it (honest "
-        "updates pass unchanged); none: plain aggregation (the updates' form is checked either way)",
+        "updates pass unchanged); nnm: the same with nearest-neighbour mixing (each kept update the mean of its "
+        "n - f nearest, f = --num-malicious, 1 at least) before the clip; none: plain aggregation (the updates' "
+        "form is checked either way)",
     )
     parser.add_argument(
         "--min-cosine",

@@ -7,6 +7,11 @@ round's median distance is pulled back onto that sphere (centered clipping, Kari
 around g). Honest updates within that distance pass bit for bit, so with them alone the strategy sees
 exactly what it would without the screen. With fewer than 3 updates there is no consensus to judge by:
 only the size bound applies.
+
+`nnm` adds nearest-neighbour mixing (Allouah et al., AISTATS 2023; byzfl's NNM) after the direction rule:
+each kept update becomes the mean of its n - f nearest kept updates (f: --num-malicious, 1 at least), which
+shrinks a far minority's pull by about n - f times, before centered clipping of the mixed updates. Honest
+updates no longer pass bit for bit: each is a mean of its neighbours.
 """
 
 import math
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCREENS = ("consensus", "none")
+SCREENS = ("consensus", "nnm", "none")
 
 
 @dataclass
@@ -23,7 +28,7 @@ class Verdict:
 
     why: str | None = None
     arrays: list[np.ndarray] | None = None
-    note: str | None = None  # a kept update that was clipped says by how much
+    note: str | None = None  # a kept update that was clipped says by how much; one mixed by NNM has no note
 
 
 def change(arrays: list[np.ndarray], weights: list[np.ndarray], mask: tuple[bool, ...]) -> np.ndarray:
@@ -57,6 +62,7 @@ def screen(
     clip_factor: float = 2.0,
     max_update_norm: float = 10.0,
     min_cosine: float = -0.1,
+    num_malicious: int = 0,
 ) -> list[Verdict]:
     """The verdict on each update of a round (arrays in the model's order) against the global `weights`.
 
@@ -85,6 +91,15 @@ def screen(
             ].why = f"it points away from the round's consensus (cosine {cosine:.2f} with its geometric median, under --min-cosine {min_cosine:g})"
         else:
             kept.append(row)
+    if method == "nnm" and len(kept) >= 3:
+        from byzfl.aggregators.preaggregators import NNM  # imported here: importing byzfl takes seconds
+
+        f = min(max(1, num_malicious), (len(kept) - 1) // 2)
+        points[kept] = NNM(f)(points[kept])
+        for row in kept:
+            verdicts[live[row]].arrays = apply_change(points[row], updates[live[row]], weights, mask)
+        g = geometric_median(points[kept])
+        distance = np.linalg.norm(points - g, axis=1)
     if not clip_factor or not kept:
         return verdicts
     radius = clip_factor * float(np.median(distance[kept]))

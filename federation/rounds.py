@@ -182,7 +182,7 @@ class Rounds:
                 sound.append(i)
         a = self.args
         verdicts = robust.screen([updates[i][1] for i in sound], self.weights, self.layout.weights, a.screen,
-                                 a.clip_factor, a.max_update_norm, a.min_cosine)  # fmt: skip
+                                 a.clip_factor, a.max_update_norm, a.min_cosine, a.num_malicious)  # fmt: skip
         accepted, clipped, replaced = [], {}, {}
         for i, v in zip(sound, verdicts):
             if v.why:
@@ -190,7 +190,10 @@ class Rounds:
                 self.client_rows[i]["verdict"] = "rejected"
                 continue
             accepted.append(i)
-            if v.arrays is not None:
+            if v.arrays is not None and v.note is None:  # mixed with its neighbours (--screen nnm)
+                replaced[i] = v.arrays
+                self.client_rows[i]["verdict"] = "mixed"
+            elif v.arrays is not None:
                 clipped[i] = v.arrays
                 self.client_rows[i]["verdict"] = "clipped"
                 log.warning("Clipped update from client %s: %s", updates[i][0], v.note)

@@ -1,16 +1,19 @@
 """The attack suite (attacks.py, attack_app.py) against the default defence, as real processes on tiny data."""
 
+import csv
 import os
 import signal
 import subprocess
 
 import numpy as np
 import pytest
+import torch
 from conftest import ENV, ROOT, copy_app, finish, free_port, script_cmd, start
 from test_app import app_env, flwr_run, run_config
 from test_federation import FAST, data_flags, processes_with, rows
 
-from federation import robust
+import attacks
+from federation import backdoor, robust
 
 
 def attacked(tmp_path, tiny, name: str, attack: tuple = (), honest: int = 2, attackers: int = 1, server=()):
@@ -39,17 +42,19 @@ def attacked(tmp_path, tiny, name: str, attack: tuple = (), honest: int = 2, att
 
 @pytest.fixture(scope="module")
 def honest_only(tiny, tmp_path_factory):
-    """The honest clients alone on the attacked runs' shares, run once per (honest, attackers, server flags)."""
-    runs = {}
+    """The honest clients alone on the attacked runs' shares, run once per (honest, attackers, server flags);
+    `get.run_dirs` keeps where each ran."""
+    runs, run_dirs = {}, {}
 
     def get(honest: int = 2, attackers: int = 1, server: tuple = ()) -> list[dict]:
         if (honest, attackers, server) not in runs:
-            codes, table, log = attacked(tmp_path_factory.mktemp("honest"), tiny, "honest", honest=honest,
-                                         attackers=attackers, server=server)  # fmt: skip
+            base = tmp_path_factory.mktemp("honest")
+            codes, table, log = attacked(base, tiny, "honest", honest=honest, attackers=attackers, server=server)
             assert codes == [0] * (1 + honest), log[-3000:]
-            runs[honest, attackers, server] = table
+            runs[honest, attackers, server], run_dirs[honest, attackers, server] = table, base / "honest" / "run"
         return runs[honest, attackers, server]
 
+    get.run_dirs = run_dirs
     return get
 
 
@@ -98,6 +103,11 @@ def test_without_the_screen_model_replacement_takes_fedavg_over(tiny, tmp_path, 
         (("--attack", "noise", "--boost", 5), 1),
         (("--attack", "replacement"), 1),
         (("--attack", "alie", "--z", 1, "--colluders", 2), 2),
+        (("--attack", "backdoor-scaled"), 1),
+        (("--attack", "minmax", "--colluders", 1), 1),
+        (("--attack", "minsum", "--colluders", 1), 1),
+        (("--attack", "minmax", "--colluders", 2), 2),
+        (("--attack", "mimic", "--colluders", 2), 2),
     ],
 )
 def test_attacks_inside_the_consensus_are_bounded_and_the_result_stays_close(
@@ -111,6 +121,40 @@ def test_attacks_inside_the_consensus_are_bounded_and_the_result_stays_close(
     # 100 test images: judge by the loss, and the accuracy loosely (one image is one point)
     assert final(table) <= 1.25 * final(clean), (final(table), final(clean))
     assert final(table, "centralized_accuracy") >= final(clean, "centralized_accuracy") - 0.1
+
+
+def test_a_boosted_backdoor_takes_plain_fedavg_over_and_the_default_keeps_it_out(tiny, tmp_path, honest_only):
+    """Whole-set-like (IID) shares, one attacker of three, its update boosted 3 x: model replacement."""
+    attack = ("--attack", "backdoor", "--boost", 3, "--lr", 0.05, "--epochs", 5)  # it trains harder than honest
+
+    def success(name: str, server: tuple) -> tuple[float, float]:
+        codes, table, log = attacked(tmp_path, tiny, name, (*attack, *server), server=server)
+        assert codes == [0, 0, 0, 0], log[-3000:]
+        return backdoor.run_success(tmp_path / name / "run", str(tiny), str(tmp_path / "cache"), 0), final(table)
+
+    plain, plain_loss = success("plain", ("--screen", "none"))
+    default, default_loss = success("default", ())
+    honest = honest_only()
+    clean = backdoor.run_success(honest_only.run_dirs[2, 1, ()], str(tiny), str(tmp_path / "cache"), 0)
+    # The attack is real: under plain FedAvg most triggered images land in class 0; the default keeps the
+    # backdoor near the rate of a model no attacker touched, and its clean loss near the honest one
+    assert plain >= 0.5 and default <= clean + 0.1, (plain, default, clean)
+    assert default_loss <= 1.25 * final(honest), (default_loss, final(honest), plain_loss)
+
+
+def test_the_nnm_screen_mixes_every_update_and_keeps_a_boosted_backdoor_out(tiny, tmp_path, honest_only):
+    attack = ("--attack", "backdoor", "--boost", 3, "--lr", 0.05, "--epochs", 5, "--screen", "nnm")
+    server = ("--screen", "nnm", "--num-malicious", 1)
+    codes, table, log = attacked(tmp_path, tiny, "nnm", attack, server=server)
+    assert codes == [0, 0, 0, 0], log[-3000:]
+    with (tmp_path / "nnm" / "run" / "clients.csv").open() as f:
+        verdicts = [r["verdict"] for r in csv.DictReader(f)]
+    assert len(verdicts) == 9 and set(verdicts) <= {"mixed", "clipped"} and "mixed" in verdicts, verdicts
+    honest, cache = honest_only(), str(tmp_path / "cache")
+    rate = backdoor.run_success(tmp_path / "nnm" / "run", str(tiny), cache, 0)
+    clean = backdoor.run_success(honest_only.run_dirs[2, 1, ()], str(tiny), cache, 0)
+    assert rate <= clean + 0.1, (rate, clean)
+    assert final(table) <= 1.25 * final(honest), (final(table), final(honest))
 
 
 def test_with_honest_clients_only_the_screen_rejects_nothing_and_the_result_is_plain_fedavgs(tiny, tmp_path):
@@ -181,3 +225,72 @@ def test_alie_needs_a_shared_folder_and_says_so(tmp_path):
     r = subprocess.run(script_cmd("attacks.py", "--attack", "alie"), cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=60, check=False)  # fmt: skip
     assert r.returncode == 2 and "--collude-dir" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("size", [32, 64, 20])
+def test_the_trigger_is_a_checkerboard_in_the_bottom_right_corner_sized_from_the_image(size):
+    images = torch.full((3, 3, size, size), 128, dtype=torch.uint8)
+    stamped = backdoor.stamp(images)
+    side = max(3, size // 8)  # an eighth of the side, as the README says; 4 pixels on CIFAR-10
+    corner = stamped[:, :, size - side :, size - side :]
+    for r in range(side):
+        for c in range(side):
+            assert (corner[:, :, r, c] == (255 if (r + c) % 2 else 0)).all()
+    stamped[:, :, size - side :, size - side :] = 128
+    assert (stamped == 128).all() and (images == 128).all()  # nothing else touched, the input left as it was
+
+
+def test_poisoning_stamps_and_relabels_the_given_fraction_and_nothing_else():
+    x = torch.full((40, 3, 32, 32), 128, dtype=torch.uint8)
+    y = torch.arange(40) % 10
+    px, py = backdoor.poison(x, y, target=7, fraction=0.25, seed=0)
+    triggered = (px[:, :, -1, -2] == 255).all(dim=1)  # a white square of the pattern, on every channel
+    assert int(triggered.sum()) == 10 and (py[triggered] == 7).all()
+    assert (py[~triggered] == y[~triggered]).all() and (px[~triggered] == 128).all()
+
+
+def test_the_success_rate_counts_triggered_images_of_other_classes_put_in_the_target():
+    class Spotter(torch.nn.Module):  # says "class 3" exactly when the corner's last pixel is white
+        def forward(self, x):
+            white = x[:, 0, -1, -2] > 0.9
+            return torch.nn.functional.one_hot(torch.where(white, 3, 1), 10).float()
+
+    x = torch.zeros((30, 3, 32, 32), dtype=torch.uint8)
+    y = torch.arange(30) % 10
+    assert backdoor.success_rate(Spotter(), x, y, target=3) == 1.0  # 27 images, all steered
+    assert backdoor.success_rate(Spotter(), x, y, target=1) == 0.0  # steered to 3, not 1
+
+
+def test_min_max_goes_as_far_as_the_pools_own_largest_distance_allows():
+    rng = np.random.default_rng(0)
+    pool = rng.normal(1.0, 0.5, (4, 50))
+    mean = pool.mean(axis=0)
+    unit = mean / np.linalg.norm(mean)
+    widest = max(np.linalg.norm(a - b) for a in pool for b in pool)
+    sent = attacks.min_max(pool, "unit")
+    gamma = float((mean - sent) @ unit)  # how far it went against the mean's direction
+    assert np.allclose(sent, mean - gamma * unit) and gamma > 0
+    assert max(np.linalg.norm(pool - sent, axis=1)) <= widest  # inside the limit...
+    assert max(np.linalg.norm(pool - (mean - 1.01 * gamma * unit), axis=1)) > widest  # ...and at it
+    summed = attacks.min_max(pool, "unit", summed=True)
+    sums = [float(((pool - p) ** 2).sum()) for p in pool]
+    assert float(((pool - summed) ** 2).sum()) <= max(sums)
+    g = float((mean - summed) @ unit)
+    assert float(((pool - (mean - 1.01 * g * unit)) ** 2).sum()) > max(sums)
+
+
+def test_nnm_mixes_each_update_with_its_nearest_neighbours_so_a_far_one_moves_the_mean_a_quarter_as_much():
+    rng = np.random.default_rng(1)
+    weights = [np.zeros(200, np.float32) + 0.5]  # a norm of 7: the size bound (10 x) lets all five through
+    base = rng.normal(0, 1, 200)
+    changes = [base + rng.normal(0, 0.3, 200) for _ in range(4)] + [base * 4]  # four honest, one boosted
+    updates = [[(0.5 + c).astype(np.float32)] for c in changes]
+    verdicts = robust.screen(updates, weights, (True,), "nnm", clip_factor=0, num_malicious=1)
+    points = np.stack([u[0].astype(np.float64) - 0.5 for u in updates])
+    for i, v in enumerate(verdicts):  # the mean of the 4 nearest (itself included), found by brute force
+        nearest = np.argsort([np.linalg.norm(points[i] - p) for p in points])[:4]
+        assert v.why is None and v.note is None
+        assert np.allclose(v.arrays[0] - 0.5, points[nearest].mean(axis=0), atol=1e-5)
+    pull = np.mean([v.arrays[0] - 0.5 for v in verdicts], axis=0) - points[:4].mean(axis=0)
+    plain = points.mean(axis=0) - points[:4].mean(axis=0)
+    assert np.linalg.norm(pull) < 0.3 * np.linalg.norm(plain)  # the boosted one's pull, cut to under a third
