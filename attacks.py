@@ -16,7 +16,8 @@ attack needs only the attacker's own data and the global model it receives, neve
     backdoor     a pixel-pattern backdoor (BadNets' trigger, federation/backdoor.py): --poison-fraction of its
                  images stamped and relabelled --target-class, its update then boosted --boost times (model
                  replacement, Bagdasaryan et al. 2020: boost = the clients a round), the boost capped just inside
-                 the server's --max-update-norm
+                 the server's --max-update-norm. It stamps before its own --augment, whose crops and flips
+                 then move its trigger (a weaker attack)
     backdoor-scaled  constrain-and-scale against the published screen (the same paper): its honest update plus
                  the backdoor's difference, scaled to just inside the clip radius it estimates from a second honest
                  run, so it is neither clipped nor rejected; with --screen none, as backdoor
@@ -24,11 +25,12 @@ attack needs only the attacker's own data and the global model it receives, neve
                  updates minus gamma x --deviation, gamma the largest whose farthest distance to any of those
                  updates stays within their own largest pairwise distance
     minsum       min-sum (the same paper): gamma the largest whose sum of squared distances to them stays within
-                 the largest such sum among them
+                 the largest such sum among them (the paper's bound; the authors' code uses the smallest)
     mimic        Mimic (Karimireddy et al. 2022): every colluder sends the same one of their own honest updates
                  (the farthest from their mean), over-weighting one client's data (byzfl)
 min-max and min-sum pool --colluders clients' updates in --collude-dir as alie does; a lone attacker
-(--colluders 1) estimates the spread from --estimates honest runs of its own instead.
+(--colluders 1) estimates the spread from --estimates honest runs of its own instead: reruns on the same
+data, whose spread is only the shuffle's, so its gamma is small and its update close to honest.
 The Flower App's face is attack_app.py.
 """
 

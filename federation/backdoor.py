@@ -52,10 +52,12 @@ def success_rate(net: nn.Module, x: Tensor, y: Tensor, target: int, mean_std: bo
     return hits / max(len(others), 1)
 
 
-def run_success(run_dir: Path, data_root: str, cache_dir: str, target: int, spec: str = "cifar:Net") -> float:
-    """A run's last global model (its checkpoint), tested for the backdoor on the data's test set."""
-    data = sources.load_arrays(data_root, cache_dir)
+def run_success(run_dir: Path, data_root: str, cache_dir: str, target: int) -> float:
+    """A run's last global model (its checkpoint), tested for the backdoor on the data's test set, with the
+    run's own model, image size and normalisation (from its config.json)."""
     record = RunRecord(Path(run_dir))
-    net, layout = model.build(spec, len(data.classes), data.test_x.shape[-1], 0, torch.device("cpu"))
+    config = record.config()
+    data = sources.load_arrays(data_root, cache_dir, config.get("image_size", sources.IMAGE_SIZE))
+    net, layout = model.build(config["model"], len(data.classes), data.test_x.shape[-1], 0, torch.device("cpu"))
     net.load_state_dict(layout.state_dict(record.load_checkpoint(record.last_round(), layout)))
-    return success_rate(net, data.test_x, data.test_y, target)
+    return success_rate(net, data.test_x, data.test_y, target, config.get("normalize", True))
