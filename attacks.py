@@ -157,7 +157,7 @@ class Attacker:
 
     def _bounded(self, weights, poison: np.ndarray) -> np.ndarray:
         """A change cut to just inside the server's --max-update-norm, which would reject it whole."""
-        bound = self.args.max_update_norm * robust.norm(weights, self.layout.weights)
+        bound = robust.size_bound(weights, self.layout.weights, self.args.max_update_norm)
         size = float(np.linalg.norm(poison))
         return poison * (0.99 * bound / size) if bound and size > 0.99 * bound else poison
 
@@ -171,7 +171,7 @@ class Attacker:
             step = target - own
             return own + step / max(np.linalg.norm(step), 1e-12) * a.clip_factor * spread * 0.99
         if a.max_update_norm:
-            bound = a.max_update_norm * robust.norm(weights, self.layout.weights)
+            bound = robust.size_bound(weights, self.layout.weights, a.max_update_norm)
             return target / max(np.linalg.norm(target), 1e-12) * bound * 0.99
         return target * a.boost
 

@@ -43,6 +43,11 @@ def norm(arrays: list[np.ndarray], mask: tuple[bool, ...]) -> float:
     return math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a, m in zip(arrays, mask) if m))
 
 
+def size_bound(weights: list[np.ndarray], mask: tuple[bool, ...], max_update_norm: float) -> float:
+    """How far one update may move the model: --max-update-norm x the global model's norm (0: no bound)."""
+    return max_update_norm * norm(weights, mask)
+
+
 def geometric_median(points: np.ndarray, iterations: int = 100, tolerance: float = 1e-7) -> np.ndarray:
     """The point minimising the sum of Euclidean distances to the rows of `points` (Weiszfeld)."""
     z = np.median(points, axis=0)
@@ -78,7 +83,7 @@ def screen(
     """The verdict on each update of a round (arrays in the model's order) against the global `weights`.
 
     A model whose weights are all zero gives the size bound no scale: it is then not applied."""
-    bound = max_update_norm * norm(weights, mask) or math.inf
+    bound = size_bound(weights, mask, max_update_norm) or math.inf
     verdicts = [Verdict() for _ in updates]
     deltas = [change(a, weights, mask) for a in updates]
     for v, d in zip(verdicts, deltas):
