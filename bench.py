@@ -161,8 +161,12 @@ def main() -> None:
         name = "-".join([args.command, *args.parts]) + (
             "-lr-" + "-".join(map(str, args.lrs)) if "tuning" in args.parts else ""
         )
+        if "tuning" in args.parts and args.batch_sizes != [512]:
+            name += "-batch-" + "-".join(map(str, args.batch_sizes))
     if args.command == "privacy":
         name = "-".join([args.command, *args.faces]) + ("" if args.model == "cifar:Net" else "-" + args.model)
+        if args.batch_size and "dp-sgd" in args.faces:  # not DP-SGD's own batch
+            name += f"-batch{args.batch_size}"
         if "central" in args.faces and (args.clients, args.fraction) != (100, 0.1):  # user-level DP at scale
             name += f"-{args.clients}-clients-{args.fraction:g}"
     if args.command == "secagg":

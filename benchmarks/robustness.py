@@ -25,6 +25,7 @@ ROWS = {  # short name: (the table's label, server.py's flags)
     "screened-fedmedian": ("fedmedian behind the consensus screen", ("--strategy", "fedmedian")),
     "clip1": ("the consensus screen at `--clip-factor 1`", ("--clip-factor", 1)),
     "nnm": ("NNM (f = 1) in the consensus screen (`--screen nnm`)", ("--screen", "nnm", "--num-malicious", 1)),
+    "nnm2": ("NNM (f = 2) in the consensus screen", ("--screen", "nnm", "--num-malicious", 2)),
 }
 # Each attack column: the attacker's flags; "none" is the honest clients alone on the same shares
 ATTACKS = {  # short name: (the table's label, attacks.py's flags)

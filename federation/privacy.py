@@ -86,7 +86,7 @@ DP_SGD_LEDGER = "~/.cache/flower-cifar/dp-sgd"
 # What --dp-sgd trains with unless these flags are given. The tutorial's batches of 32 at lr 0.001 learn nothing
 # once every example's gradient is clipped and noised: DP-SGD wants large batches (the noise on their mean
 # shrinks with B) and a large step (BENCHMARKS.md, "DP-SGD: tuning")
-DP_SGD_TRAINING = {"batch_size": 512, "lr": 0.5, "epochs": 5}
+DP_SGD_TRAINING = {"batch_size": 1024, "lr": 0.5, "epochs": 5}
 
 
 def dp_sgd_training(args: argparse.Namespace, given: set[str]) -> list[str]:

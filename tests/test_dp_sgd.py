@@ -18,7 +18,7 @@ from federation.dpsgd import GRAD_SAMPLE_MODES, DpSgd
 from pipeline import batches, sources
 
 # DP-SGD's defaults as the README states them
-README_DEFAULTS = {"batch_size": 512, "lr": 0.5, "epochs": 5}
+README_DEFAULTS = {"batch_size": 1024, "lr": 0.5, "epochs": 5}
 TUTORIAL = {"batch_size": 32, "lr": 0.001, "epochs": 1}
 
 
@@ -47,7 +47,7 @@ def test_dp_sgd_brings_its_own_batch_lr_and_epochs_unless_they_are_given():
     app = config.client_args_from_config(parser, app_run_config(**{"dp-sgd": True, "lr": 0.05}), client_app.RENAMES)
     assert settings(app) == {**README_DEFAULTS, "lr": 0.05}
     help_text = config.client_parser("").format_help()
-    assert "batch-size 512, lr 0.5, epochs 5" in " ".join(help_text.split())
+    assert "batch-size 1024, lr 0.5, epochs 5" in " ".join(help_text.split())
 
 
 def test_run_py_hands_dp_sgds_defaults_to_its_clients_and_keeps_a_given_lr(tmp_path):
@@ -58,7 +58,7 @@ def test_run_py_hands_dp_sgds_defaults_to_its_clients_and_keeps_a_given_lr(tmp_p
         launcher.resolve(parser, args, given)
         cmd = launcher.client_command(args, "127.0.0.1:1", 0)
         flag = {cmd[i]: cmd[i + 1] for i in range(2, len(cmd) - 1) if cmd[i].startswith("--")}
-        assert (flag["--lr"], flag["--batch-size"], flag["--epochs"]) == (lr, "512", "5"), cmd
+        assert (flag["--lr"], flag["--batch-size"], flag["--epochs"]) == (lr, "1024", "5"), cmd
 
 
 def one_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, clip: float, lr: float) -> list:
@@ -118,7 +118,7 @@ def test_the_readmes_dp_sgd_three_terminals_learn_with_dp_sgds_defaults(tiny, tm
                            "--partition-id", i, "--dp-sgd-ledger", tmp_path / "ledger", log=tmp_path / f"c{i}.log"))  # fmt: skip
     assert finish(procs) == [0, 0, 0], (tmp_path / "server.log").read_text()[-3000:]
     log = (tmp_path / "c0.log").read_text()
-    assert "DP-SGD trains with its own --batch-size 512 --lr 0.5 --epochs 5" in log
+    assert "DP-SGD trains with its own --batch-size 1024 --lr 0.5 --epochs 5" in log
     table = rows(tmp_path / "run")
     assert len(table) == 3 and 0 < float(table[-1]["client_epsilon"])
     assert float(table[-1]["centralized_accuracy"]) > 0.5  # ten colours: chance is 0.1
@@ -127,4 +127,4 @@ def test_the_readmes_dp_sgd_three_terminals_learn_with_dp_sgds_defaults(tiny, tm
 
 def test_readme_states_dp_sgds_defaults():
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "`--batch-size 512 --lr 0.5 --epochs 5`" in readme
+    assert "`--batch-size 1024 --lr 0.5 --epochs 5`" in readme
