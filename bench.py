@@ -167,6 +167,8 @@ def main() -> None:
         name = "-".join([args.command, *args.faces]) + ("" if args.model == "cifar:Net" else "-" + args.model)
         if args.batch_size and "dp-sgd" in args.faces:  # not DP-SGD's own batch
             name += f"-batch{args.batch_size}"
+        if args.seed:
+            name += f"-seed{args.seed}"
         if "central" in args.faces and (args.clients, args.fraction) != (100, 0.1):  # user-level DP at scale
             name += f"-{args.clients}-clients-{args.fraction:g}"
     if args.command == "secagg":
