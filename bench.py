@@ -25,6 +25,7 @@ import flags
 from benchmarks import deployment, dpsgd, niid, privacy, robustness, scale, secagg, speed
 from benchmarks.common import HERE, write_section
 from federation.dpsgd import GRAD_SAMPLE_MODES
+from federation.privacy import DP_SGD_TRAINING
 from pipeline import partitions, sources
 
 
@@ -112,7 +113,13 @@ def main() -> None:
     p.add_argument("--threads", type=flags.positive_int, default=1, help="torch threads (a client's share of 2)")
     p.add_argument("--models", nargs="+", default=["cifar:Net", "cifar:DpNet"], help="tuning: the models")
     p.add_argument("--lrs", type=flags.positive_float, nargs="+", default=[0.25, 0.5, 1.0], help="tuning: lr")
-    p.add_argument("--batch-sizes", type=flags.positive_int, nargs="+", default=[512], help="tuning: batches")
+    p.add_argument(
+        "--batch-sizes",
+        type=flags.positive_int,
+        nargs="+",
+        default=[DP_SGD_TRAINING["batch_size"]],
+        help="tuning: batches",
+    )
     p.add_argument("--epochs", type=flags.positive_int, default=15, help="tuning: epochs, the budget's horizon")
     p.add_argument("--epsilon", type=flags.positive_float, default=8.0, help="tuning: epsilon after --epochs")
     p.add_argument("--delta", type=flags.fraction, default=1e-5, help="tuning: delta")
@@ -161,7 +168,7 @@ def main() -> None:
         name = "-".join([args.command, *args.parts]) + (
             "-lr-" + "-".join(map(str, args.lrs)) if "tuning" in args.parts else ""
         )
-        if "tuning" in args.parts and args.batch_sizes != [512]:
+        if "tuning" in args.parts and args.batch_sizes != [DP_SGD_TRAINING["batch_size"]]:
             name += "-batch-" + "-".join(map(str, args.batch_sizes))
     if args.command == "privacy":
         name = "-".join([args.command, *args.faces]) + ("" if args.model == "cifar:Net" else "-" + args.model)

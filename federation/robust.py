@@ -10,8 +10,8 @@ only the size bound applies.
 
 `nnm` adds nearest-neighbour mixing (Allouah et al., AISTATS 2023; byzfl's NNM) after the direction rule:
 each kept update becomes the mean of its n - f nearest kept updates (f: --num-malicious, 1 at least, and
-under half of them), which
-shrinks a far minority's pull by about n - f times, before centered clipping of the mixed updates. Honest
+under half of them), which shrinks a far minority's pull by about n - f times, before centered clipping of
+the mixed updates. Honest
 updates no longer pass bit for bit: each is a mean of its neighbours.
 """
 
