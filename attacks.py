@@ -78,11 +78,13 @@ def add_attack_args(parser: flags.Parser) -> None:
         "--screen", choices=robust.SCREENS, default="consensus", help="replacement, backdoor: the server's"
     )
     parser.add_argument(
-        "--clip-factor", type=flags.non_negative_float, default=2.0, help="replacement, backdoor: the server's"
-    )
+        "--clip-factor", type=flags.non_negative_float, default=robust.CLIP_FACTOR,
+        help="replacement, backdoor: the server's",
+    )  # fmt: skip
     parser.add_argument(
-        "--max-update-norm", type=flags.non_negative_float, default=10.0, help="replacement: the server's"
-    )
+        "--max-update-norm", type=flags.non_negative_float, default=robust.MAX_UPDATE_NORM,
+        help="replacement: the server's",
+    )  # fmt: skip
 
 
 class Attacker:

@@ -14,7 +14,7 @@ from pipeline import sources
 # Each row: a server's flags. Flower's robust aggregators run alone (--screen none), to show what they bear
 ROWS = {  # short name: (the table's label, server.py's flags)
     "plain": ("plain FedAvg (`--screen none`)", ("--strategy", "fedavg", "--screen", "none")),
-    "default": ("**the default**: FedAvg behind the consensus screen", ()),
+    "default": ("**the default**: FedAvg behind the consensus screen (`--clip-factor 1`)", ()),
     "fedmedian": ("fedmedian", ("--strategy", "fedmedian", "--screen", "none")),
     "fedtrimmedavg": (
         "fedtrimmedavg (beta 0.2)",
@@ -24,6 +24,8 @@ ROWS = {  # short name: (the table's label, server.py's flags)
     "bulyan": ("bulyan (f = 1)", ("--strategy", "bulyan", "--num-malicious", 1, "--screen", "none")),
     "screened-fedmedian": ("fedmedian behind the consensus screen", ("--strategy", "fedmedian")),
     "clip1": ("the consensus screen at `--clip-factor 1`", ("--clip-factor", 1)),
+    "clip2": ("the consensus screen at `--clip-factor 2` (the default before 1)", ("--clip-factor", 2)),
+    "clip05": ("the consensus screen at `--clip-factor 0.5`", ("--clip-factor", 0.5)),
     "nnm": ("NNM (f = 1) in the consensus screen (`--screen nnm`)", ("--screen", "nnm", "--num-malicious", 1)),
     "nnm2": ("NNM (f = 2) in the consensus screen", ("--screen", "nnm", "--num-malicious", 2)),
 }

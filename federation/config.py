@@ -3,7 +3,7 @@
 import argparse
 
 import flags
-from federation import privacy
+from federation import privacy, robust
 from federation.robust import SCREENS
 from pipeline import options
 from pipeline.partitions import PARTITIONERS
@@ -61,29 +61,30 @@ def add_server_args(parser: flags.Parser) -> None:
         choices=SCREENS,
         default="consensus",
         help="the poisoning defence before any strategy: consensus: with 3+ updates, reject one pointing away from "
-        "their geometric median (cosine under --min-cosine) and clip the others to --clip-factor x the median distance from it (honest "
-        "updates pass unchanged); nnm: the same with nearest-neighbour mixing (each kept update the mean of its "
+        "their geometric median (cosine under --min-cosine) and clip the others to --clip-factor x the median distance "
+        "from it; nnm: the same with nearest-neighbour mixing (each kept update the mean of its "
         "n - f nearest, f = --num-malicious, 1 at least) before the clip; none: plain aggregation (the updates' "
         "form is checked either way)",
     )
     parser.add_argument(
         "--min-cosine",
         type=flags.cosine,
-        default=-0.1,
+        default=robust.MIN_COSINE,
         help="consensus screen: reject an update whose cosine with the round's geometric median is below this "
         "(honest updates on label-skewed shares can be near -0.05; reversed and IPM attacks sit near -1)",
     )
     parser.add_argument(
         "--clip-factor",
         type=flags.non_negative_float,
-        default=2.0,
+        default=robust.CLIP_FACTOR,
         help="consensus screen: clip an update farther from the geometric median than this many times the "
-        "round's median distance; 0: reject only",
+        "round's median distance (1: the farther half of the updates is pulled in, chosen by its worst case "
+        "over the README's attack suite); 0: reject only",
     )
     parser.add_argument(
         "--max-update-norm",
         type=flags.non_negative_float,
-        default=10.0,
+        default=robust.MAX_UPDATE_NORM,
         help="reject any update that moves the model by more than this many times the global model's own "
         "norm (the trained weights only); 0: off",
     )

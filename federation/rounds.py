@@ -196,7 +196,9 @@ class Rounds:
             elif v.arrays is not None:
                 clipped[i] = v.arrays
                 self.client_rows[i]["verdict"] = "clipped"
-                log.warning("Clipped update from client %s: %s", updates[i][0], v.note)
+                # At the default factor half the honest updates are clipped each round: only a far one warns
+                (log.warning if v.ratio > robust.FAR else log.info)("Clipped update from client %s: %s",
+                                                                     updates[i][0], v.note)  # fmt: skip
             elif self.privacy and privacy.zero_change(updates[i][1], self.weights):
                 replaced[i] = privacy.stand_in(self.weights)  # flwr 1.42's DP clipping divides by the norm
         self.row["clipped"] = len(clipped)

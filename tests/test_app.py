@@ -81,3 +81,34 @@ def supernode(env: dict, superlink: str, i: int, log: Path, security: list[str])
 
 
 # The Deployment Engine (a SuperLink with TLS and SuperNodes that authenticate): tests/test_auth.py
+
+
+# Where the App's run config means to differ from the scripts' flags: TOML has no None
+RUN_CONFIG_OWN = {
+    "threads": 0,  # the flag's None: 0 means the same (the cores shared among the clients)
+    "seed": 0,  # the tutorial's client.py is unseeded (random); a simulation repeats exactly
+}
+
+
+def test_the_apps_run_config_holds_the_scripts_defaults():
+    import tomllib
+
+    import client_app
+    import server_app
+    from federation import config
+
+    toml = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    faces = ((config.server_parser("s"), server_app.RENAMES), (config.client_parser("c"), client_app.RENAMES))
+    differ, checked = {}, set()
+    for parser, renames in faces:
+        actions = parser._option_string_actions
+        for key, value in toml.items():
+            flag = renames.get(key, key)
+            if flag is None or f"--{flag}" not in actions:
+                continue
+            checked.add(key)
+            default = parser.get_default(actions[f"--{flag}"].dest)
+            if default != value:  # 1 == 1.0 in Python: an int written for a float flag is the same value
+                differ[key] = (value, default)
+    assert {k: v for k, (v, _) in differ.items()} == RUN_CONFIG_OWN, differ
+    assert {"clip-factor", "min-cosine", "max-update-norm", "screen", "lr", "num-server-rounds"} <= checked

@@ -157,7 +157,9 @@ def test_the_nnm_screen_mixes_every_update_and_keeps_a_boosted_backdoor_out(tiny
     assert final(table) <= 1.25 * final(honest), (final(table), final(honest))
 
 
-def test_with_honest_clients_only_the_screen_rejects_nothing_and_the_result_is_plain_fedavgs(tiny, tmp_path):
+def test_with_honest_clients_only_the_screen_rejects_nothing_clips_the_farthest_and_stays_near_plain_fedavg(
+    tiny, tmp_path
+):
     # Label-skewed shares of tiny data: as heterogeneous as honest clients get
     dirichlet = ("--partitioner", "dirichlet", "--alpha", 0.5)
     tables = {}
@@ -176,31 +178,48 @@ def test_with_honest_clients_only_the_screen_rejects_nothing_and_the_result_is_p
     # The size and direction rules reject no honest update: without the clip, the default is plain FedAvg exactly
     assert all(r["rejected"] == "0" for r in tables["default"] + tables["reject-only"])
     assert [[r[k] for k in keys] for r in tables["reject-only"]] == [[r[k] for k in keys] for r in tables["plain"]]
-    # The clip may pull in an honest update far out on such shares; the result stays plain FedAvg's
+    # The default clip (1 x the median distance) pulls in the farther half: of 3 updates, the farthest one
+    assert [r["clipped"] for r in tables["default"]] == ["1"] * len(tables["default"])
+    # That is its price: the farthest share pulls less, so the model learns more slowly, within the bounded
+    # influence every attack test here allows (the README's tables give the cost on 10,000 images)
+    losses = [float(r["centralized_loss"]) for r in tables["default"]]
+    assert losses == sorted(losses, reverse=True), losses  # it still learns every round
     for a, b in zip(tables["default"], tables["plain"], strict=True):
-        assert float(a["centralized_loss"]) == pytest.approx(float(b["centralized_loss"]), rel=0.01)
-        assert abs(float(a["centralized_accuracy"]) - float(b["centralized_accuracy"])) <= 0.01 + 1e-9  # 1 image
+        assert float(a["centralized_loss"]) <= 1.25 * float(b["centralized_loss"]), (a, b)
 
 
-def test_the_consensus_clips_a_far_update_onto_its_sphere_and_rejects_a_reversed_one():
+def test_the_consensus_clips_updates_beyond_factor_x_the_median_distance_onto_that_sphere_and_rejects_a_reversed_one():
     rng = np.random.default_rng(0)
     weights = [np.full(1000, 1.0, np.float32)]  # the global model; the updates below are changes of it
     base = rng.normal(0, 1, 1000)
     honest = [[(1 + base + rng.normal(0, 0.3, 1000)).astype(np.float32)] for _ in range(4)]
     far = [(1 + base * 5).astype(np.float32)]  # the same direction, five times as far
     back = [(1 - base).astype(np.float32)]
-    verdicts = robust.screen([*honest, far, back], weights, (True,))
-    assert all(v.why is None and v.arrays is None for v in verdicts[:4])  # honest: bit for bit
-    assert verdicts[4].why is None and verdicts[4].arrays is not None and "clipped" in verdicts[4].note
-    assert "points away" in verdicts[5].why
     points = np.stack([h[0] for h in honest] + [far[0], back[0]]).astype(np.float64) - 1
     g = points.mean(axis=0)  # the geometric median by Weiszfeld's iteration, written here from its definition
     for _ in range(1000):
         inverse = 1 / np.maximum(np.linalg.norm(points - g, axis=1), 1e-12)
         g = (inverse[:, None] * points).sum(axis=0) / inverse.sum()
     # of every update; the distances that set the radius: the kept ones'
-    median = np.median(np.linalg.norm(points - g, axis=1)[:5])
-    assert np.linalg.norm(verdicts[4].arrays[0] - 1 - g) == pytest.approx(2 * median, rel=1e-4)
+    distance = np.linalg.norm(points - g, axis=1)[:5]
+    median = np.median(distance)
+    clipped = {}
+    for factor in (2.0, None):  # None: the default
+        given = {} if factor is None else {"clip_factor": factor}
+        verdicts = robust.screen([*honest, far, back], weights, (True,), **given)
+        factor = factor or robust.CLIP_FACTOR
+        assert "points away" in verdicts[5].why
+        for v, d in zip(verdicts[:5], distance):
+            assert v.why is None
+            if d <= factor * median:
+                assert v.arrays is None and v.note is None  # within the radius: bit for bit
+            else:
+                assert np.linalg.norm(v.arrays[0] - 1 - g) == pytest.approx(factor * median, rel=1e-4)
+                assert v.ratio == pytest.approx(d / median, rel=1e-4) and f"{d / median:.1f} x" in v.note
+        clipped[factor] = [i for i, v in enumerate(verdicts[:5]) if v.arrays is not None]
+    assert clipped[2.0] == [4]  # at 2 x, only the far one
+    # At the default 1 x, the far one and the honest one beyond the median of the five kept
+    assert robust.CLIP_FACTOR == 1 and len(clipped[1.0]) == 2 and 4 in clipped[1.0], clipped
 
 
 def test_an_attacker_app_node_is_screened_on_the_simulation_engine(tiny, tmp_path):
